@@ -1,0 +1,1 @@
+"""Structured pruning core: models, structure discovery, masks, slicing, allocation, data and methods."""

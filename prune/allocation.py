@@ -1,0 +1,149 @@
+"""Turn unit scores into a KeepPlan that removes `ratio` of the model's total parameters.
+
+- `uniform`: every layer in the range loses the same fraction p of its heads and channels, as in
+  LLM-Pruner/Wanda-sp; p is solved so that the whole model loses `ratio` of its parameters.
+  Heads are rounded per layer (round(p * n_heads)), then channels fill the rest of the budget.
+- `global`: one ranking across layers. Heads and channels are compared by score per parameter
+  (score / parameters the unit frees), since a head owns ~hd times more weights than a channel.
+
+Either way the achieved ratio is within half a channel's parameters of the target when channels
+are prunable (within one head otherwise). Higher score = more important = kept.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from prune.plan import KeepPlan
+from prune.structure import ModelStructure
+
+
+class InfeasibleRatio(ValueError):
+    pass
+
+
+def prunable_layers(s: ModelStructure, first: int, last: int) -> list[int]:
+    """Layers inside the range: the first `first` and the last `last` layers are kept whole."""
+    if first < 0 or last < 0 or first + last >= s.num_layers:
+        raise InfeasibleRatio(f"layer_range keeps the first {first} and last {last} of {s.num_layers} layers, "
+                              f"leaving none to prune; use a smaller layer_range")
+    return list(range(first, s.num_layers - last))
+
+
+def max_removable(s: ModelStructure, layers: list[int], heads: bool = True, channels: bool = True) -> int:
+    total = 0
+    for i in layers:
+        info = s.layers[i]
+        if heads:
+            total += info.n_heads * info.q_head_cost + info.n_kv * info.kv_head_cost
+        if channels:
+            total += info.n_channels * info.channel_cost
+    return total
+
+
+def check_feasible(s: ModelStructure, ratio: float, first: int, last: int, heads=True, channels=True) -> None:
+    """Raise InfeasibleRatio when the layer range cannot hold `ratio` of the model's parameters."""
+    if not 0.0 <= ratio < 1.0:
+        raise InfeasibleRatio(f"ratio={ratio} is outside [0, 1): it is the fraction of parameters removed")
+    layers = prunable_layers(s, first, last)
+    cap = max_removable(s, layers, heads, channels)
+    if ratio * s.total_params > cap:
+        raise InfeasibleRatio(
+            f"ratio={ratio} asks to remove {ratio * s.total_params:,.0f} parameters, but layers {layers[0]}-{layers[-1]} "
+            f"hold only {cap:,} prunable ones ({cap / s.total_params:.3f} of the model). "
+            f"Lower the ratio or widen layer_range (e.g. layer_range=all).")
+
+
+def _lowest(scores: torch.Tensor, k: int) -> list[int]:
+    return torch.argsort(scores.float(), stable=True)[:k].tolist()
+
+
+def _plan_from_removed(s: ModelStructure, rm_heads: dict, rm_ch: dict) -> KeepPlan:
+    plan = KeepPlan.full(s)
+    for i, r in rm_heads.items():
+        plan.heads[i] = sorted(set(plan.heads[i]) - set(r))
+    for i, r in rm_ch.items():
+        plan.channels[i] = sorted(set(plan.channels[i]) - set(r))
+    return plan
+
+
+def select(s: ModelStructure, scores: dict, ratio: float, first: int, last: int, allocation: str = "uniform",
+           heads: bool = True, channels: bool = True) -> KeepPlan:
+    """scores: {"heads": [Tensor(n_heads)] per layer, "channels": [Tensor(n_channels)] per layer}."""
+    check_feasible(s, ratio, first, last, heads, channels)
+    layers = prunable_layers(s, first, last)
+    target = ratio * s.total_params
+    if allocation == "uniform":
+        return _uniform(s, scores, target, layers, heads, channels)
+    if allocation == "global":
+        return _global(s, scores, target, layers, heads, channels)
+    raise ValueError(f"allocation={allocation!r}: choose uniform or global")
+
+
+def _uniform(s, scores, target, layers, heads, channels) -> KeepPlan:
+    p = target / max_removable(s, layers, heads, channels)
+    rm_heads, removed = {}, 0
+    if heads:
+        for i in layers:
+            info = s.layers[i]
+            k = round(p * info.n_heads) if channels else None
+            if k is None:  # heads alone carry the budget: spread it over layers
+                k = min(info.n_heads, round(target / len(layers) / (info.q_head_cost + info.kv_head_cost / info.group_size)))
+            rm_heads[i] = _lowest(scores["heads"][i], k)
+        plan = _plan_from_removed(s, rm_heads, {})
+        removed = sum(plan.layer_params_removed(s, i) for i in layers)
+    rm_ch = {}
+    if channels:
+        cost = s.layers[layers[0]].channel_cost
+        n_total = max(0, round((target - removed) / cost))
+        base, extra = divmod(n_total, len(layers))
+        for j, i in enumerate(layers):
+            k = base + (1 if j < extra else 0)
+            if k > s.layers[i].n_channels:
+                raise InfeasibleRatio(f"layer {i} would need {k} of its {s.layers[i].n_channels} channels removed; "
+                                      f"lower the ratio or widen layer_range")
+            rm_ch[i] = _lowest(scores["channels"][i], k)
+    return _plan_from_removed(s, rm_heads, rm_ch)
+
+
+def _global(s, scores, target, layers, heads, channels) -> KeepPlan:
+    units = []  # (score per parameter, layer, kind, index)
+    for i in layers:
+        info = s.layers[i]
+        if heads:
+            per = info.q_head_cost + info.kv_head_cost / info.group_size
+            units += [(float(v) / per, i, "h", j) for j, v in enumerate(scores["heads"][i].tolist())]
+        if channels:
+            units += [(float(v) / info.channel_cost, i, "c", j) for j, v in enumerate(scores["channels"][i].tolist())]
+    units.sort(key=lambda u: u[0])
+    smallest = min(s.layers[i].channel_cost for i in layers) if channels else min(
+        s.layers[i].q_head_cost for i in layers)
+    kept_heads = {i: set(range(s.layers[i].n_heads)) for i in layers}
+    rm_heads, rm_ch = {i: [] for i in layers}, {i: [] for i in layers}
+    removed = 0.0
+    for _, i, kind, j in units:
+        if target - removed <= smallest / 2:
+            break
+        info = s.layers[i]
+        if kind == "c":
+            cost = info.channel_cost
+        else:
+            group = {h for h in kept_heads[i] if info.kv_of(h) == info.kv_of(j)}
+            cost = info.q_head_cost + (info.kv_head_cost if group == {j} else 0)
+        if removed + cost - target > smallest / 2:
+            continue  # would overshoot: a smaller unit further down the ranking fits better
+        removed += cost
+        if kind == "c":
+            rm_ch[i].append(j)
+        else:
+            kept_heads[i].discard(j)
+            rm_heads[i].append(j)
+    return _plan_from_removed(s, rm_heads, rm_ch)
+
+
+def within_range_ratio(s: ModelStructure, plan: KeepPlan, first: int, last: int) -> float:
+    """LLM-Pruner's convention: the fraction removed of the prunable parameters inside the layer range."""
+    layers = prunable_layers(s, first, last)
+    cap = max_removable(s, layers)
+    return sum(plan.layer_params_removed(s, i) for i in layers) / cap if cap else math.nan

@@ -1,0 +1,136 @@
+"""Text corpora for calibration and perplexity, from `data.root` files or the Hugging Face hub.
+
+With `data.root` set, files in the hub's layout under that folder are read (see ../shared/data/README.md);
+otherwise `datasets.load_dataset` fetches the hub copy. If neither works the error names both.
+Relative roots are resolved against the project directory, not Hydra's run directory.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class Corpus:
+    hub: tuple  # load_dataset args
+    field: str
+    local: dict  # split -> file (glob) under data.root
+    hub_kwargs: tuple = ()
+
+
+CORPORA = {
+    "wikitext2": Corpus(("wikitext", "wikitext-2-raw-v1"), "text", {"test": "text/wikitext2/wiki.test.raw"}),
+    "ptb": Corpus(("ptb_text_only", "penn_treebank"), "sentence",
+                  {"test": "text/ptb/ptb.test.txt", "validation": "text/ptb/ptb.valid.txt"}),
+    "c4": Corpus(("allenai/c4",), "text", {"validation": "text/c4/c4_validation_2k.jsonl",
+                                           "train": "text/c4/c4_validation_2k.jsonl"},
+                 (("data_files", {"train": "en/c4-train.00000-of-01024.json.gz",
+                                  "validation": "en/c4-validation.00000-of-00008.json.gz"}),)),
+    # BookCorpus is not redistributable: locally, public-domain novels stand in for it.
+    "bookcorpus": Corpus(("bookcorpus",), "text", {"train": "text/books/*.txt"}),
+}
+
+
+def resolve_root(root: str | None) -> str | None:
+    if root is None:
+        return None
+    path = root if os.path.isabs(root) else os.path.join(PROJECT_DIR, root)
+    return os.path.normpath(path)
+
+
+def check_root(root: str | None) -> None:
+    """Fail early (before any model loads) when a configured data root does not exist."""
+    path = resolve_root(root)
+    if path is not None and not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"data.root={root!r} resolves to {path}, which does not exist. Point data.root at the folder "
+            f"holding text/ and tasks/ (e.g. data.root=../shared/data), or set data.root=null to use the hub.")
+
+
+def _read_local(name: str, split: str, root: str) -> list[str]:
+    corpus = CORPORA[name]
+    if split not in corpus.local:
+        raise FileNotFoundError(f"No local file for {name} split '{split}' under {root}; "
+                                f"local splits: {sorted(corpus.local)}")
+    files = sorted(glob.glob(os.path.join(root, corpus.local[split])))
+    if not files:
+        raise FileNotFoundError(f"{os.path.join(root, corpus.local[split])} is missing")
+    rows: list[str] = []
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".jsonl"):
+                rows += [json.loads(line)[corpus.field] for line in f if line.strip()]
+            elif name == "wikitext2":  # the hub's rows: the file's lines, blank lines as ""
+                rows += [line.rstrip("\n") if line.strip() else "" for line in f]
+            elif name == "bookcorpus":
+                rows.append(f.read())  # one row per book; calibration cuts random windows from it
+            else:  # ptb_text_only strips each sentence
+                rows += [line.strip() for line in f]
+    return rows
+
+
+def load_rows(name: str, split: str, root: str | None) -> list[str]:
+    """The rows (field `text`/`sentence`) of a corpus split, in file order."""
+    if name not in CORPORA:
+        raise ValueError(f"Unknown dataset '{name}'; choose one of {sorted(CORPORA)}")
+    path = resolve_root(root)
+    if path is not None:
+        return _read_local(name, split, path)
+    corpus = CORPORA[name]
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(*corpus.hub, split=split, **dict(corpus.hub_kwargs))
+        return list(ds[corpus.field])
+    except Exception as e:  # no network, no cache
+        raise FileNotFoundError(
+            f"Could not load {name}/{split} from the hub ({type(e).__name__}: {e}) and data.root is not set. "
+            f"Set data.root to a folder with {corpus.local.get(split, corpus.local)} (e.g. data.root=../shared/data)."
+        ) from e
+
+
+def calibration_batch(tokenizer, name: str, n_samples: int, seq_len: int, seed: int, root: str | None,
+                      split: str = "train") -> torch.Tensor:
+    """(n_samples, seq_len) token windows drawn as in Wanda/LLM-Pruner: a random document long enough,
+    then a random offset in it. Seeded, so every method sees the same calibration data."""
+    try:
+        rows = load_rows(name, split, root)
+    except FileNotFoundError:
+        if name != "wikitext2" or resolve_root(root) is None:
+            raise
+        log.warning("No local WikiText-2 train split: calibrating on the test split, which overlaps evaluation text.")
+        rows = load_rows(name, "test", root)
+    if name == "wikitext2":  # short rows: calibrate on the joined text, as SLEB/FLAP do
+        rows = ["\n\n".join(rows)]
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(rows), generator=gen).tolist()
+    samples, tried = [], 0
+    cache: dict[int, torch.Tensor] = {}
+    while len(samples) < n_samples:
+        if tried >= 50 * max(n_samples, len(rows)):
+            raise ValueError(f"{name}/{split} has too few documents longer than {seq_len} tokens "
+                             f"for {n_samples} calibration samples")
+        doc = order[tried % len(order)]
+        tried += 1
+        if doc not in cache:
+            cache[doc] = tokenizer(rows[doc], return_tensors="pt").input_ids[0]
+        ids = cache[doc]
+        if ids.numel() <= seq_len:
+            continue
+        start = int(torch.randint(0, ids.numel() - seq_len, (1,), generator=gen))
+        samples.append(ids[start:start + seq_len])
+    return torch.stack(samples)  # (N, T)
+
+
+def eval_tokens(tokenizer, name: str, split: str, root: str | None) -> torch.Tensor:
+    """The whole split joined with "\\n\\n" and tokenized once (LLM-Pruner's PPL protocol): (n_tokens,)."""
+    rows = load_rows(name, split, root)
+    return tokenizer("\n\n".join(rows), return_tensors="pt").input_ids[0]

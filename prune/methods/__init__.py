@@ -1,0 +1,1 @@
+"""Pruning methods. Each is a class named by `_target_` in conf/method/<name>.yaml."""

@@ -1,0 +1,69 @@
+"""The method interface: a method turns a PruneContext into a KeepPlan."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from prune.allocation import select
+from prune.data import calibration_batch
+from prune.memory import StageMeter
+from prune.plan import KeepPlan
+from prune.structure import ModelStructure
+
+
+@dataclass
+class PruneContext:
+    model: torch.nn.Module
+    tokenizer: Any
+    structure: ModelStructure
+    ratio: float
+    first: int  # layers kept whole at the start (layer_range)
+    last: int  # ... and at the end
+    allocation: str
+    calibration: dict  # dataset, n_samples, seq_len, batch_size
+    data_root: str | None
+    seed: int
+    meter: StageMeter
+    extras: dict = field(default_factory=dict)  # per-method results for results.json
+
+    @property
+    def prunable(self) -> list[int]:
+        return list(range(self.first, self.structure.num_layers - self.last))
+
+    def calib(self, dataset: str | None = None, n_samples: int | None = None, seq_len: int | None = None) -> torch.Tensor:
+        """A seeded (N, T) calibration batch; the calibration config's values unless overridden."""
+        c = self.calibration
+        return calibration_batch(self.tokenizer, dataset or c["dataset"], n_samples or c["n_samples"],
+                                 seq_len or c["seq_len"], self.seed, self.data_root)
+
+
+class PruningMethod:
+    """Base class. `granularity` is "width" (heads/channels) or "depth" (whole layers)."""
+
+    granularity = "width"
+
+    def __init__(self, name: str, heads: bool = True, channels: bool = True):
+        self.name = name
+        self.heads = heads
+        self.channels = channels
+
+    def plan(self, ctx: PruneContext) -> KeepPlan:
+        raise NotImplementedError
+
+
+class ScoringMethod(PruningMethod):
+    """A method defined by per-unit scores; the shared allocation turns them into a plan."""
+
+    def __init__(self, name: str, aggregation: str = "sum", heads: bool = True, channels: bool = True):
+        super().__init__(name, heads, channels)
+        self.aggregation = aggregation
+
+    def scores(self, ctx: PruneContext) -> dict:
+        raise NotImplementedError
+
+    def plan(self, ctx: PruneContext) -> KeepPlan:
+        with ctx.meter.stage("score"):
+            scores = self.scores(ctx)
+        return select(ctx.structure, scores, ctx.ratio, ctx.first, ctx.last, ctx.allocation, self.heads, self.channels)

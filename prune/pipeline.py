@@ -1,0 +1,82 @@
+"""The run: validate -> load -> prune (score or optimise a plan) -> slice -> recover -> evaluate -> save.
+
+results.json is rewritten after each stage, so a run that dies later keeps what it computed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from evaluate import run_evaluations
+from prune.allocation import within_range_ratio
+from prune.checkpoint import save_pruned
+from prune.logger import make_logger
+from prune.memory import StageMeter
+from prune.methods.base import PruneContext
+from prune.models import load_model, resolve_device, resolve_dtype
+from prune.results import summary, write_json
+from prune.slicing import apply_plan
+from prune.structure import discover, num_params
+from prune.validate import validate
+
+log = logging.getLogger(__name__)
+
+
+def build_method(cfg: DictConfig):
+    return hydra.utils.instantiate(cfg.method, _convert_="all")
+
+
+def run(cfg: DictConfig, out_dir: str) -> dict:
+    method = build_method(cfg)
+    validate(cfg, method.granularity, method.heads, method.channels)
+    os.makedirs(out_dir, exist_ok=True)
+    logger = make_logger(cfg)
+    device = resolve_device(cfg.device)
+    meter = StageMeter(device)
+    ratio = 0.0 if method.name == "dense" else float(cfg.ratio)
+    results = {"model": cfg.model.name, "method": method.name, "config": OmegaConf.to_container(cfg, resolve=True)}
+    path = os.path.join(out_dir, "results.json")
+
+    def save():
+        results.update(meter.as_dict())
+        write_json(path, results)
+
+    with meter.stage("load"):
+        model, tokenizer = load_model(cfg.model, resolve_dtype(cfg.dtype), device, cfg.seed)
+    base_config = model.config.to_dict()
+    s = discover(model)
+    ctx = PruneContext(model, tokenizer, s, ratio, cfg.layer_range.first, cfg.layer_range.last, cfg.allocation,
+                       OmegaConf.to_container(cfg.calibration, resolve=True), cfg.data.root, cfg.seed, meter)
+    with meter.stage("prune"):
+        plan = method.plan(ctx)
+    plan.save(os.path.join(out_dir, "kept_units.json"))
+    with meter.stage("slice"):
+        apply_plan(model, s, plan)
+    after = num_params(model)
+    results.update({
+        "ratio": {"target": ratio, "achieved": 1 - after / s.total_params,
+                  "within_range": within_range_ratio(s, plan, ctx.first, ctx.last) if ratio else 0.0},
+        "params": {"before": s.total_params, "after": after},
+        "kept_units_file": "kept_units.json",
+        "per_layer_sparsity": plan.per_layer_sparsity(s),
+        **({"method_extras": ctx.extras} if ctx.extras else {}),
+    })
+    save()
+    if cfg.recover.name != "none":
+        from recover import run_recovery
+
+        results["recover"] = run_recovery(cfg, model, tokenizer, meter, out_dir)
+        save()
+    run_evaluations(cfg, model, tokenizer, meter, results, save)
+    if cfg.save_model:
+        with meter.stage("save"):
+            save_pruned(model, tokenizer, plan, base_config, os.path.join(out_dir, "model"),
+                        {"pruning": OmegaConf.to_container(cfg, resolve=True)})
+    save()
+    logger.log_results(results)
+    logger.finish()
+    log.info("\n%s\nresults: %s", summary(results), path)
+    return results

@@ -1,0 +1,135 @@
+"""Physically remove pruned units and update every attribute the forward pass reads.
+
+After `apply_plan` the model's modules have their own, possibly different, widths per layer;
+`model.config` keeps the original widths, which is why checkpoints carry a manifest (prune/checkpoint.py).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prune.plan import KeepPlan
+from prune.structure import LayerInfo, ModelStructure, get_module
+
+
+class HeadGather(nn.Module):
+    """k/v projection of a GQA layer whose kept KV heads serve unequal numbers of kept query heads.
+
+    Computes the kept KV heads once (B, T, G*hd), then lays them out one per kept query head
+    (B, T, Hq*hd), so attention runs with num_key_value_groups = 1. Only the kept KV rows are
+    parameters; `proj` is a plain Linear, so LoRA (peft 'all-linear') adapts it like any other.
+    """
+
+    def __init__(self, proj: nn.Linear, head_index: torch.Tensor, head_dim: int):
+        super().__init__()
+        self.proj = proj
+        self.head_dim = head_dim
+        self.register_buffer("head_index", head_index, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj(x).unflatten(-1, (-1, self.head_dim))  # (B, T, G, hd)
+        return y[..., self.head_index, :].flatten(-2)  # (B, T, Hq*hd)
+
+
+class EmptyAttention(nn.Module):
+    """An attention block with every head pruned: it adds only the output projection's bias, if any."""
+
+    def __init__(self, bias: torch.Tensor | None, adds_residual: bool):
+        super().__init__()
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.adds_residual = adds_residual  # BLOOM's attention returns output + residual
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        out = torch.zeros_like(hidden_states) if self.bias is None else self.bias.expand_as(hidden_states).clone()
+        if self.adds_residual:
+            out = out + (args[0] if args else kwargs["residual"])
+        return out, None
+
+
+def slice_linear(lin: nn.Linear, index: torch.Tensor, axis: int) -> None:
+    """Keep rows (axis 0, with their bias entries) or columns (axis 1) of `lin`, in place."""
+    index = index.to(lin.weight.device)
+    w = lin.weight.data.index_select(axis, index).contiguous()
+    lin.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
+    if axis == 0:
+        lin.out_features = w.shape[0]
+        if lin.bias is not None:
+            lin.bias = nn.Parameter(lin.bias.data.index_select(0, index).contiguous(), requires_grad=lin.bias.requires_grad)
+    else:
+        lin.in_features = w.shape[1]
+
+
+def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(get_module(root, parent), name, new)
+
+
+def _slice_attention(s: ModelStructure, info: LayerInfo, heads: list[int], kv: list[int]) -> None:
+    spec = s.spec
+    attn = get_module(info.module, spec.attn)
+    if not heads:
+        o = info.linear(spec.o)
+        bias = o.bias.data.clone() if o.bias is not None else None
+        _set_module(info.module, spec.attn, EmptyAttention(bias, adds_residual=s.arch == "bloom"))
+        return
+    for c in info.head_weights:
+        units = kv if c.kind == "kv" else heads
+        slice_linear(info.linear(c.path), info.unit_index(c.kind, units), c.axis)
+    if s.arch == "bloom":
+        attn.num_heads = len(heads)
+        _select_alibi_heads(attn, info.n_heads, heads)
+    elif s.arch == "opt":
+        attn.num_heads = len(heads)
+    else:
+        per_group = [sum(info.kv_of(h) == g for h in heads) for g in kv]
+        if len(set(per_group)) == 1:  # every kept KV head serves the same number of query heads
+            attn.num_key_value_groups = per_group[0]
+        else:
+            pos = {g: j for j, g in enumerate(kv)}
+            head_index = torch.tensor([pos[info.kv_of(h)] for h in heads], dtype=torch.long)
+            for path in (spec.k, spec.v):
+                _set_module(info.module, path, HeadGather(info.linear(path), head_index, info.head_dim))
+            attn.num_key_value_groups = 1
+
+
+def _select_alibi_heads(attn: nn.Module, n_heads: int, heads: list[int]) -> None:
+    """BLOOM builds ALiBi slopes for all heads in the model; keep the rows of this layer's kept heads."""
+    keep = torch.tensor(heads, dtype=torch.long)
+
+    def hook(module, args, kwargs):
+        alibi = kwargs["alibi"]  # (B*H, 1, T)
+        kwargs["alibi"] = alibi.unflatten(0, (-1, n_heads))[:, keep.to(alibi.device)].flatten(0, 1)
+        return args, kwargs
+
+    attn.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _remove_layers(model: nn.Module, s: ModelStructure, removed: list[int]) -> None:
+    layers = get_module(model, s.spec.layers)
+    keep = [i for i in range(len(layers)) if i not in set(removed)]
+    new = nn.ModuleList([layers[i] for i in keep])
+    _set_module(model, s.spec.layers, new)
+    for new_idx, layer in enumerate(new):  # the KV cache is indexed by layer_idx
+        for m in layer.modules():
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = new_idx
+    model.config.num_hidden_layers = len(keep)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, s: ModelStructure, plan: KeepPlan) -> nn.Module:
+    """Slice `model` in place to `plan`. `s` must describe the unsliced model."""
+    for i, info in enumerate(s.layers):
+        if i in plan.removed_layers:
+            continue
+        if len(plan.heads[i]) < info.n_heads:
+            _slice_attention(s, info, sorted(plan.heads[i]), plan.kept_kv(s, i))
+        if len(plan.channels[i]) < info.n_channels:
+            idx = torch.tensor(sorted(plan.channels[i]), dtype=torch.long)
+            for c in info.channel_weights:
+                slice_linear(info.linear(c.path), idx, c.axis)
+    if plan.removed_layers:
+        _remove_layers(model, s, plan.removed_layers)
+    return model

@@ -1,0 +1,1 @@
+"""Recovery after pruning (LoRA fine-tuning). `recover=none` skips this stage."""
