@@ -13,7 +13,7 @@ run: install
 	$(PY) run.py data.root=$(DATA_ROOT)
 
 test: install
-	$(PY) -m pytest -q -m "not slow or ci_slow"
+	$(PY) -m pytest -q -m "not slow"
 
 test-all: install
 	$(PY) -m pytest -q

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random-weight models of every supported architecture."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from prune.models import load_model
+from prune.structure import discover
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA_ROOT = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
+TINY = ["tiny_llama", "tiny_llama_gqa", "tiny_opt", "tiny_bloom"]
+
+
+def model_cfg(name: str):
+    return OmegaConf.load(os.path.join(ROOT, "conf", "model", f"{name}.yaml"))
+
+
+def tiny_model(name: str, dtype=torch.float32, seed: int = 0):
+    """(model, tokenizer, structure) of a tiny random model."""
+    model, tok = load_model(model_cfg(name), dtype, torch.device("cpu"), seed)
+    return model, tok, discover(model)
+
+
+@pytest.fixture(params=TINY)
+def tiny(request):
+    return tiny_model(request.param)
+
+
+@pytest.fixture
+def data_root():
+    if not os.path.isdir(DATA_ROOT):
+        pytest.skip(f"local data not found at {DATA_ROOT}")
+    return DATA_ROOT
