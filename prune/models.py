@@ -3,6 +3,8 @@
 Three sources:
 - `gguf_wheel`: a GGUF file shipped inside an installed PyPI wheel (the embedded default, SmolLM2-135M).
   The package is located with `importlib.util.find_spec` and never imported (it imports `llm`).
+  Dequantizing the GGUF takes ~25 s, so the float32 result is cached once as safetensors under
+  $PRUNE_CACHE (default ~/.cache/llm-structured-pruning) and later loads take about a second.
 - `hub`: `from_pretrained` on a hub id or local directory, with dtype and `device_map` for big models.
 - `tiny`: a random-weight model built from an inline transformers config, with a byte-level tokenizer,
   for fast unit tests. No evidence of pruning quality.
@@ -11,9 +13,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -45,6 +49,32 @@ def gguf_location(model_cfg: DictConfig) -> tuple[str, str]:
     if not os.path.isfile(os.path.join(directory, model_cfg.gguf_file)):
         raise FileNotFoundError(f"{model_cfg.gguf_file} not found in {directory}; reinstall {model_cfg.wheel}")
     return directory, model_cfg.gguf_file
+
+
+def dequantized_cache(model_cfg: DictConfig) -> str:
+    """Directory holding the GGUF model dequantized to float32 safetensors (built on first use)."""
+    directory, name = gguf_location(model_cfg)
+    size = os.path.getsize(os.path.join(directory, name))
+    root = os.environ.get("PRUNE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "llm-structured-pruning"))
+    target = os.path.join(root, f"{os.path.splitext(name)[0]}-{size}")
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    tmp = f"{target}.tmp{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    # save_pretrained refuses GGUF-loaded models; the dequantized tensors are plain floats, so save them directly.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(tmp)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
+    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)  # atomic: a killed run never leaves a half-written cache
+    return target
 
 
 def load_config(model_cfg: DictConfig):
@@ -79,10 +109,9 @@ def load_model(model_cfg: DictConfig, dtype: torch.dtype, device: torch.device, 
         model = AutoModelForCausalLM.from_config(load_config(model_cfg), dtype=dtype)
         tokenizer = byte_tokenizer()
     elif model_cfg.source == "gguf_wheel":
-        directory, name = gguf_location(model_cfg)
-        # GGUF weights dequantize to float32 first; cast afterwards to the requested dtype.
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).to(dtype)
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        cached = dequantized_cache(model_cfg)
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(cached)
     elif model_cfg.source == "hub":
         kwargs = {"dtype": dtype}
         if model_cfg.get("device_map"):
