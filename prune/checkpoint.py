@@ -12,7 +12,7 @@ import os
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from prune.plan import KeepPlan
@@ -34,7 +34,9 @@ def layer_shapes(model) -> dict:
 
 def save_pruned(model, tokenizer, plan: KeepPlan, base_config: dict, path: str, extra: dict | None = None) -> None:
     os.makedirs(path, exist_ok=True)
-    save_model(model, os.path.join(path, WEIGHTS))  # handles tied embeddings
+    tied = _tied_keys(model)  # the tied lm_head is rebuilt from the embedding on load
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
+    save_file(state, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
     manifest = {"format_version": FORMAT_VERSION, "base_config": base_config, "plan": plan.to_dict(),
                 "shapes": layer_shapes(model), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
                 **(extra or {})}
@@ -62,7 +64,10 @@ def load_pruned(path: str, device: str | torch.device = "cpu", dtype: torch.dtyp
     dtype = dtype or getattr(torch, manifest["dtype"])
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _add_biases(model, manifest.get("biases_added", []))
     apply_plan(model, discover(model), KeepPlan.from_dict(manifest["plan"]))
+    if "transform" in manifest:  # a method that reshapes the model beyond a KeepPlan (SliceGPT)
+        _rebuild(model, manifest["transform"])
     expected = layer_shapes(model)
     for k, v in state.items():
         if k not in expected or list(v.shape) != expected[k]:
@@ -78,6 +83,25 @@ def load_pruned(path: str, device: str | torch.device = "cpu", dtype: torch.dtyp
     model.to(device).eval().requires_grad_(False)
     model.config.use_cache = False
     return model, AutoTokenizer.from_pretrained(path), manifest
+
+
+def _add_biases(model, paths: list[str]) -> None:
+    """Output biases a method added to Linears that have none in the base architecture (FLAP's compensation)."""
+    for path in paths:
+        lin = model.get_submodule(path)
+        lin.bias = torch.nn.Parameter(torch.empty(lin.out_features, device=lin.weight.device, dtype=lin.weight.dtype),
+                                      requires_grad=False)
+
+
+TRANSFORMS = {"slicegpt": "prune.methods.slicegpt.model"}  # manifest["transform"]["kind"] -> module with rebuild()
+
+
+def _rebuild(model, transform: dict) -> None:
+    import importlib
+
+    if transform.get("kind") not in TRANSFORMS:
+        raise CheckpointError(f"Unknown model transform {transform.get('kind')!r}; known: {sorted(TRANSFORMS)}")
+    importlib.import_module(TRANSFORMS[transform["kind"]]).rebuild(model, transform)
 
 
 def _tied_keys(model) -> set:

@@ -1,0 +1,112 @@
+"""Every config option composes; run.py runs end to end; bad input fails early with a useful message."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import ROOT, tiny_model
+from evaluate.ppl import perplexity
+from prune.data import calibration_batch, load_rows
+
+CONF = os.path.join(ROOT, "conf")
+GROUPS = [g for g in ("model", "method", "calibration", "layer_range", "evaluate", "recover", "logger", "init")
+          if os.path.isdir(os.path.join(CONF, g))]
+
+
+def options(group: str) -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(os.path.join(CONF, group)) if f.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes(group, option):
+    with initialize_config_dir(CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[f"{group}={option}"])
+    OmegaConf.to_container(cfg, resolve=True)
+    assert cfg[group] is not None
+
+
+@pytest.mark.parametrize("launcher", options("hydra/launcher"))
+def test_launchers_compose(launcher):
+    with initialize_config_dir(CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_
+    if launcher == "slurm":
+        for key in ("partition", "timeout_min", "gpus_per_node", "mem_gb", "array_parallelism"):
+            assert key in cfg.hydra.launcher
+
+
+def run_py(tmp_path, *overrides, check=True):
+    cmd = [sys.executable, os.path.join(ROOT, "run.py"), f"hydra.run.dir={tmp_path}", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+TINY_RUN = ["model=tiny_llama_gqa", "dtype=float32", "calibration.n_samples=8", "evaluate.ppl.max_windows=3",
+            "layer_range=all"]
+
+
+def test_run_py_end_to_end(tmp_path):
+    run_py(tmp_path, *TINY_RUN, "method=wanda_sp", "ratio=0.3", "save_model=true")
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["method"] == "wanda_sp" and abs(r["ratio"]["achieved"] - 0.3) < 0.01
+    assert r["params"]["after"] < r["params"]["before"]
+    assert set(r["ppl"]) == {"wikitext2", "ptb"} and all(v > 1 for v in r["ppl"].values())
+    for key in ("time_s", "peak_memory_bytes", "config", "kept_units_file"):
+        assert key in r
+    kept = json.loads((tmp_path / "kept_units.json").read_text())
+    assert len(kept["heads"]) == 4
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["method=no_such_method"], "Available options"),
+    (["ratio=1.2"], "outside [0, 1)"),
+    (["ratio=0.95", "layer_range=all"], "widen layer_range"),
+    (["layer_range=mini_llm"], "leaving none to prune"),
+    (["data.root=/no/such/folder"], "does not exist"),
+])
+def test_bad_input_fails_before_loading(tmp_path, overrides, message):
+    proc = run_py(tmp_path, "model=tiny_llama", *overrides, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_local_text_layout(data_root):
+    wiki = load_rows("wikitext2", "test", data_root)
+    assert wiki[0] == "" and wiki[1] == " = Robert Boulter = "
+    ptb = load_rows("ptb", "validation", data_root)
+    assert len(ptb) == 3370 and ptb[0] == ptb[0].strip()
+    with pytest.raises(FileNotFoundError, match="split"):
+        load_rows("ptb", "train", data_root)
+
+
+def test_calibration_is_seeded(data_root):
+    _, tok, _ = tiny_model("tiny_llama")
+    a = calibration_batch(tok, "c4", 4, 32, seed=1, root=data_root)
+    b = calibration_batch(tok, "c4", 4, 32, seed=1, root=data_root)
+    c = calibration_batch(tok, "c4", 4, 32, seed=2, root=data_root)
+    assert a.shape == (4, 32) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_perplexity_matches_hand_computation(data_root):
+    model, tok, _ = tiny_model("tiny_llama")
+    r = perplexity(model, tok, "ptb", "validation", data_root, seq_len=32, batch_size=3, max_windows=5)
+    ids = tok("\n\n".join(load_rows("ptb", "validation", data_root)), return_tensors="pt").input_ids[0]
+    nll = []
+    with torch.no_grad():
+        for w in range(5):
+            x = ids[w * 32:(w + 1) * 32]
+            logp = torch.log_softmax(model(input_ids=x[None]).logits[0, :-1].double(), -1)
+            nll += (-logp[torch.arange(31), x[1:]]).tolist()
+    assert r["windows"] == 5
+    assert abs(r["ppl"] - torch.tensor(nll).mean().exp().item()) / r["ppl"] < 1e-4
