@@ -1,0 +1,150 @@
+"""method=pg: the policy-gradient pruner (Gao et al., ICLR 2025 submission "Bypass Back-propagation: Optimization-
+based Structural Pruning for LLMs via Policy Gradient"); defaults follow the paper, released-code behaviours are
+options (see policy.py, units.py, projection.py for where they differ).
+
+Flow: unit table (units.py) -> init s (init.py) -> for each stage (one, or Random-Progressive's several) and each
+calibration batch of 8 x 128 tokens: Trainer.step (trainer.py) -> final deterministic plan: in each budget group the
+top-ranked s are kept up to the budget, the ratio met to within half the smallest unit (UnitTable.final_plan).
+
+Data: `n_segments` C4 segments of `seq_len` tokens (paper: 120k, i.e. 15k steps; a CPU run uses far fewer), shuffled
+once with the seed; step t reads rows (8t .. 8t+7) mod n_segments, so the data position is the step count.
+Checkpoints: every `checkpoint_every` steps and when a non-finite loss stops the run (state.py), in the run directory
+(Hydra's output dir). resume=true continues from it with the same RNG state and data position, so the final mask
+equals an uninterrupted run's. nan_policy=skip (released code) skips such batches instead.
+Curves (loss, δ, lr, mean and entropy of s, expected per-layer sparsity) go to the log and to results.json
+(method_extras.pg); the final per-layer sparsity is plotted to <run dir>/layer_sparsity.{png,pdf}.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+
+import torch
+
+from prune.methods.base import PruneContext, PruningMethod
+from prune.methods.pg import state as ckpt
+from prune.methods.pg.init import RandomInit
+from prune.methods.pg.plot import plot_layer_sparsity
+from prune.methods.pg.policy import entropy
+from prune.methods.pg.projection import project
+from prune.methods.pg.trainer import PGSettings, Trainer
+from prune.methods.pg.units import UnitTable
+from prune.plan import KeepPlan
+
+log = logging.getLogger(__name__)
+
+
+def hydra_run_dir() -> str | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.output_dir
+    except Exception:  # not inside a Hydra app (tests, sweeps)
+        return None
+
+
+class PolicyGradient(PruningMethod):
+    def __init__(self, name: str = "pg", init=None, granularity: str = "width", allocation: str = "global",
+                 budget: str = "single", gqa_unit: str = "query", n_segments: int = 120000, seq_len: int = 128,
+                 checkpoint_every: int = 50, resume: bool = False, log_every: int = 10, out_dir: str | None = None,
+                 plot: bool = True, **settings):
+        super().__init__(name)
+        self.granularity = granularity
+        self.init = init if init is not None else RandomInit()
+        self.allocation, self.budget_mode, self.gqa_unit = allocation, budget, gqa_unit
+        self.n_segments, self.seq_len = n_segments, seq_len
+        self.checkpoint_every, self.resume, self.log_every = checkpoint_every, resume, log_every
+        self.out_dir, self.plot = out_dir, plot
+        self.cfg = PGSettings(**settings)
+        if self.cfg.nan_policy not in ("stop", "skip"):
+            raise ValueError(f"nan_policy={self.cfg.nan_policy!r}: choose stop (paper) or skip (released code)")
+        self.on_step = None  # test hook: called with the step index after each step
+
+    def table(self, ctx: PruneContext) -> UnitTable:
+        return UnitTable(ctx.structure, ctx.prunable, self.granularity, self.gqa_unit, self.budget_mode, self.allocation)
+
+    def plan(self, ctx: PruneContext) -> KeepPlan:
+        out_dir = self.out_dir or hydra_run_dir()
+        table = self.table(ctx)
+        table.budget(ctx.ratio)  # fails early on an infeasible ratio
+        data = ctx.calib(n_samples=self.n_segments, seq_len=self.seq_len)  # (n_segments, T)
+        B = self.cfg.batch_size
+        epoch = max(1, len(data) // B)
+        stages = self.init.stages(ctx.ratio, epoch)
+        total = sum(n for _, n in stages)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(ctx.seed))
+        gen = torch.Generator().manual_seed(ctx.seed + 1)
+        fingerprint = {"units": table.n, "granularity": self.granularity, "gqa_unit": self.gqa_unit,
+                       "budget": self.budget_mode, "allocation": self.allocation, "ratio": ctx.ratio,
+                       "stages": [list(x) for x in stages], "n_segments": len(data), "seed": ctx.seed,
+                       "init": self.init.name, **asdict(self.cfg)}
+        trainer = Trainer(ctx.model, table, self.cfg, gen)
+        start, curves, sparsity_curve, skipped = 0, [], [], 0
+        if self.resume and ckpt.exists(out_dir):
+            s, sc = ckpt.load_state(out_dir, gen, fingerprint)
+            start, curves, sparsity_curve, skipped = sc["step"], sc["curves"], sc["sparsity_curve"], sc["skipped"]
+            trainer.baseline.history = sc["baseline"]
+            log.info("pg: resumed from %s at step %d/%d", out_dir, start, total)
+        else:
+            if self.resume:
+                log.warning("pg: resume=true but no checkpoint in %s; starting fresh", out_dir)
+            with ctx.meter.stage("pg_init"):
+                s = self.init.init(ctx, table, stages[0][0], self.cfg.projection_metric).double()
+
+        def save(step):
+            if out_dir:
+                ckpt.save_state(out_dir, s, gen, {"step": step, "curves": curves, "sparsity_curve": sparsity_curve,
+                                                  "skipped": skipped, "baseline": trainer.baseline.history,
+                                                  "fingerprint": fingerprint})
+
+        bounds, acc = [], 0
+        for r, n in stages:
+            bounds.append((acc, acc + n, r))
+            acc += n
+        t0 = time.perf_counter()
+        with ctx.meter.stage("pg_optimize"), trainer:
+            for step in range(start, total):
+                lo, _, r = next(b for b in bounds if b[0] <= step < b[1])
+                budget = table.budget(r)
+                if step == lo and lo > 0:  # a new Random-Progressive stage: tighten the budget
+                    s = project(s, table.cost, budget, table.group, self.cfg.projection_metric)
+                rows = order[(torch.arange(B) + step * B) % len(data)]
+                out = trainer.step(s, data[rows], budget, step, total)
+                if not out["finite"]:
+                    if self.cfg.nan_policy == "stop":
+                        save(step)
+                        raise FloatingPointError(
+                            f"pg: non-finite loss ({out['loss']}) at step {step}; stopped. The state before this "
+                            f"step is checkpointed in {out_dir} (resume=true continues from it; try dtype=float32, "
+                            f"or pg nan_policy=skip as the released code does).")
+                    skipped += 1
+                    log.warning("pg: non-finite loss at step %d skipped", step)
+                s = out["s"]
+                if step % self.log_every == 0 or step == total - 1:
+                    rec = {"step": step, "loss": out["loss"], "delta": out["delta"], "lr": out["lr"],
+                           "s_mean": float(s.mean()), "s_entropy": entropy(s), "stage_ratio": r}
+                    curves.append(rec)
+                    sparsity_curve.append({"step": step, "expected": table.expected_layer_sparsity(s)})
+                    log.info("pg step %d/%d loss %.4f delta %.4f mean(s) %.4f H(s) %.4f (%.1f s)", step, total,
+                             rec["loss"], rec["delta"], rec["s_mean"], rec["s_entropy"], time.perf_counter() - t0)
+                if self.checkpoint_every and (step + 1) % self.checkpoint_every == 0:
+                    save(step + 1)
+                if self.on_step:
+                    self.on_step(step)
+        save(total)
+        plan = table.final_plan(s, ctx.ratio)
+        self.s = s
+        ctx.extras["pg"] = {
+            "steps": total, "steps_this_run": total - start, "optimize_wall_s": time.perf_counter() - t0,
+            "stages": [list(x) for x in stages], "init": self.init.name, "units": table.n, "skipped_nan": skipped,
+            "settings": {**asdict(self.cfg), "granularity": self.granularity, "allocation": self.allocation,
+                         "budget": self.budget_mode, "gqa_unit": self.gqa_unit, "n_segments": len(data)},
+            "curves": curves, "expected_layer_sparsity": sparsity_curve, "layers": table.layers,
+            "final_s": {"mean": float(s.mean()), "entropy": entropy(s),
+                        "frac_near_binary": float(((s < 0.05) | (s > 0.95)).double().mean())},
+        }
+        if self.plot and out_dir:
+            ctx.extras["pg"]["plot"] = plot_layer_sparsity(
+                ctx.structure, plan, out_dir, f"{self.name} init={self.init.name} ratio={ctx.ratio} ({total} steps)")
+        return plan

@@ -1,0 +1,43 @@
+"""Checkpoints of the optimizer state: tensors in safetensors, scalars in JSON. No pickles.
+
+<dir>/pg_state.safetensors: s (n,) float64, rng (the mask sampler's torch.Generator state, uint8)
+<dir>/pg_state.json: step, stage, baseline history, curves, and a fingerprint of the settings that must match on resume.
+Both files are written to temporaries and renamed, so a kill during a save leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+
+TENSORS, SCALARS = "pg_state.safetensors", "pg_state.json"
+
+
+def save_state(path: str, s: torch.Tensor, gen: torch.Generator, scalars: dict) -> None:
+    os.makedirs(path, exist_ok=True)
+    t, j = os.path.join(path, TENSORS), os.path.join(path, SCALARS)
+    save_file({"s": s.double().contiguous(), "rng": gen.get_state()}, t + ".tmp")
+    with open(j + ".tmp", "w") as f:
+        json.dump(scalars, f)
+    os.replace(t + ".tmp", t)
+    os.replace(j + ".tmp", j)
+
+
+def exists(path: str | None) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, TENSORS)) and os.path.isfile(os.path.join(path, SCALARS))
+
+
+def load_state(path: str, gen: torch.Generator, fingerprint: dict) -> tuple[torch.Tensor, dict]:
+    """-> (s, scalars); restores gen. Raises ValueError when the checkpoint was made with other settings."""
+    tensors = load_file(os.path.join(path, TENSORS))
+    with open(os.path.join(path, SCALARS)) as f:
+        scalars = json.load(f)
+    if scalars.get("fingerprint") != fingerprint:
+        diff = {k: (scalars.get("fingerprint", {}).get(k), v) for k, v in fingerprint.items()
+                if scalars.get("fingerprint", {}).get(k) != v}
+        raise ValueError(f"Cannot resume from {path}: it was made with other settings (checkpoint, now): {diff}. "
+                         f"Use the original settings or a fresh run directory (resume=false).")
+    gen.set_state(tensors["rng"])
+    return tensors["s"], scalars

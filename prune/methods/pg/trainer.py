@@ -1,0 +1,105 @@
+"""One policy-gradient step: sample N_s masks, evaluate their losses, REINFORCE, project (see policy.py).
+
+Loss paths (all give L(m) = mean next-token cross-entropy, fp32, over the batch's B x (T-1) targets):
+- masked, batched (default): the N_s masks go in one forward of N_s x B rows, each row with its sample's per-sample
+  mask (masks.py supports (B, n) masks). Shapes: input (N_s*B, T), unit masks (N_s*B, n), losses (N_s,).
+- masked, batched=false: N_s forwards of B rows, each with one shared mask.
+- sparse_forward: N_s forwards of B rows, each sub-network run with its kept rows/columns gathered (sparse.py).
+Each sample's mask covers the whole batch of 8, as in the paper and the released code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from prune.masks import Masker
+from prune.methods.pg.policy import Baseline, learning_rate, sample_masks, score_gradient
+from prune.methods.pg.projection import project
+from prune.methods.pg.sparse import SparseSubnet
+from prune.methods.pg.units import UnitTable
+
+
+@dataclass
+class PGSettings:
+    lr: float = 2e-3
+    batch_size: int = 8
+    n_samples: int = 2  # N_s
+    window: int = 5  # T
+    eps: float = 1e-2  # clamp of s in the score function
+    score_scale: str = "paper"
+    reg: float = 0.0
+    baseline: str = "window"
+    lr_schedule: str = "constant"
+    warmup: int = 0
+    nan_policy: str = "stop"  # stop (paper) | skip (released code)
+    sparse_forward: bool = False
+    batched: bool = True
+    projection_metric: str = "param"
+
+
+def token_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """logits (R, T, V), ids (R, T) -> mean fp32 NLL per row (R,)."""
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")  # (R, T-1)
+    return nll.mean(1)
+
+
+class Trainer:
+    def __init__(self, model, table: UnitTable, cfg: PGSettings, gen: torch.Generator):
+        self.model, self.table, self.cfg, self.gen = model, table, cfg, gen
+        self.masker = Masker(table.s)
+        self.baseline = Baseline(cfg.baseline, cfg.window)
+        self.device = next(model.parameters()).device
+
+    def __enter__(self) -> "Trainer":
+        if not self.cfg.sparse_forward:
+            self.masker.attach()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.masker.detach()
+
+    def _set_masks(self, m: torch.Tensor) -> None:
+        for i, v in self.table.masks(m).items():
+            if self.table.granularity == "depth":
+                self.masker.layers[i] = v
+            else:
+                self.masker.heads[i], self.masker.channels[i] = v
+
+    @torch.no_grad()
+    def losses(self, batch: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """batch (B, T) token ids, m (N, n) binary unit masks -> (N,) float64 losses."""
+        N, B = m.shape[0], batch.shape[0]
+        batch = batch.to(self.device)
+        if self.cfg.sparse_forward:
+            out = []
+            for k in range(N):
+                with SparseSubnet(self.table.s, self.table.plan_from_mask(m[k])):
+                    out.append(token_losses(self.model(input_ids=batch).logits, batch).mean())
+            return torch.stack(out).double().cpu()
+        if self.cfg.batched:
+            self._set_masks(m.repeat_interleave(B, dim=0))  # rows n*B..(n+1)*B-1 carry sample n
+            ids = batch.repeat(N, 1)  # (N*B, T)
+            per_row = token_losses(self.model(input_ids=ids).logits, ids)  # (N*B,)
+            return per_row.view(N, B).mean(1).double().cpu()
+        out = []
+        for k in range(N):
+            self._set_masks(m[k:k + 1])
+            out.append(token_losses(self.model(input_ids=batch).logits, batch).mean())
+        return torch.stack(out).double().cpu()
+
+    def step(self, s: torch.Tensor, batch: torch.Tensor, budget: torch.Tensor, step: int, total: int) -> dict:
+        """One update from s (n,) float64. Returns {"s": new s, "loss", "delta", "lr", "finite"}; on a non-finite
+        loss s and the baseline are left unchanged and finite=False."""
+        cfg = self.cfg
+        m = sample_masks(s, cfg.n_samples, self.gen)
+        losses = self.losses(batch, m)
+        if not torch.isfinite(losses).all():
+            return {"s": s, "loss": float(losses.mean()), "delta": self.baseline.value, "lr": 0.0, "finite": False}
+        mean = float(losses.mean())
+        delta = self.baseline.advantage_baseline(mean)
+        g = score_gradient(s, m, losses, delta, cfg.eps, cfg.score_scale, cfg.reg)
+        lr = learning_rate(cfg.lr, step, total, cfg.lr_schedule, cfg.warmup)
+        s = project(s - lr * g, self.table.cost, budget, self.table.group, cfg.projection_metric)
+        return {"s": s, "loss": mean, "delta": delta, "lr": lr, "finite": True}
