@@ -55,13 +55,14 @@ def run(cfg: DictConfig, out_dir: str) -> dict:
     plan.save(os.path.join(out_dir, "kept_units.json"))
     with meter.stage("slice"):
         apply_plan(model, s, plan)
-    after = num_params(model)
+    after = num_params(model)  # real parameters, also for methods that transform the model (manifest "transform")
+    transformed = "transform" in ctx.manifest
     results.update({
         "ratio": {"target": ratio, "achieved": 1 - after / s.total_params,
-                  "within_range": within_range_ratio(s, plan, ctx.first, ctx.last) if ratio else 0.0},
+                  "within_range": within_range_ratio(s, plan, ctx.first, ctx.last) if ratio and not transformed else 0.0},
         "params": {"before": s.total_params, "after": after},
         "kept_units_file": "kept_units.json",
-        "per_layer_sparsity": plan.per_layer_sparsity(s),
+        "per_layer_sparsity": None if transformed else plan.per_layer_sparsity(s),
         **({"method_extras": ctx.extras} if ctx.extras else {}),
     })
     save()
@@ -74,7 +75,7 @@ def run(cfg: DictConfig, out_dir: str) -> dict:
     if cfg.save_model:
         with meter.stage("save"):
             save_pruned(model, tokenizer, plan, base_config, os.path.join(out_dir, "model"),
-                        {"pruning": OmegaConf.to_container(cfg, resolve=True)})
+                        {"pruning": OmegaConf.to_container(cfg, resolve=True), **ctx.manifest})
     save()
     logger.log_results(results)
     logger.finish()

@@ -27,6 +27,7 @@ class PruneContext:
     seed: int
     meter: StageMeter
     extras: dict = field(default_factory=dict)  # per-method results for results.json
+    manifest: dict = field(default_factory=dict)  # checkpoint-manifest additions a method needs to rebuild its model
 
     @property
     def prunable(self) -> list[int]:

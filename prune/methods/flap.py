@@ -1,0 +1,178 @@
+"""FLAP: fluctuation-based adaptive structured pruning (An et al., "Fluctuation-based Adaptive Structured
+Pruning for Large Language Models", AAAI 2024).
+
+1. Calibration (published default: 1024 WikiText-2 windows x 128 tokens) collects, per input channel j of
+   every output projection (o_proj/down_proj), the running mean and sample variance of its activation.
+2. WIFV metric: var_j * ||W[:, j]||^2. The attention metric is squared (as in the anchor's code).
+3. AL-AM structure: each layer's metric is z-scored over its channels (attention: over the H*hd o_proj
+   input channels, before the per-head mean; a head scores the mean of its standardised channels);
+   heads and channels of all layers then share one global threshold.
+4. Bias compensation: W[:, pruned] . mean(X[pruned]) becomes an output bias of the projection, so the
+   expected output is unchanged. LLaMA's projections have no bias: one is added and listed in the
+   checkpoint manifest (`biases_added`) so load_pruned can rebuild it.
+
+Our choices where the anchor differs:
+- the anchor counts a head as 512/3 channels (LLaMA-7B's params per head / params per channel) and
+  thresholds a weighted cumulative count; we remove units in ascending score order with their real
+  parameter costs (GQA: a KV head's rows go when its last query head goes), until `ratio` of the whole
+  model's parameters is gone, which is the same rule expressed in parameters. No head_dim or layer
+  count is hard-coded (the anchor's 32 x 128 breaks on GQA, its issue #14).
+- running statistics merge per batch in float64 (Chan et al.), not per sample in the model dtype.
+- the anchor prunes every layer; we respect `layer_range` (use layer_range=all for the anchor's setting).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prune.calibration import run_batches
+from prune.methods.base import PruneContext, PruningMethod
+from prune.plan import KeepPlan
+from prune.structure import ModelStructure
+
+
+class RunningStats:
+    """Per-input-feature count, mean and sum of squared deviations of watched Linears' inputs (float64)."""
+
+    def __init__(self, modules: dict[str, nn.Linear]):
+        self.modules = modules
+        self.n = {k: 0 for k in modules}
+        self._mean: dict[str, torch.Tensor] = {}
+        self._m2: dict[str, torch.Tensor] = {}
+        self._handles = []
+
+    def update(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double()  # (N, in)
+        nb, mb = x.shape[0], x.mean(0)
+        m2b = (x - mb).pow(2).sum(0)
+        if name not in self._mean:
+            self.n[name], self._mean[name], self._m2[name] = nb, mb, m2b
+            return
+        n = self.n[name]
+        delta = mb - self._mean[name]
+        self._mean[name] = self._mean[name] + delta * nb / (n + nb)
+        self._m2[name] = self._m2[name] + m2b + delta.pow(2) * n * nb / (n + nb)
+        self.n[name] = n + nb
+
+    def mean(self, name: str) -> torch.Tensor:
+        return self._mean[name]
+
+    def var(self, name: str) -> torch.Tensor:
+        """Unbiased sample variance: FLAP's fluctuation."""
+        return self._m2[name] / max(self.n[name] - 1, 1)
+
+    def __enter__(self) -> "RunningStats":
+        self._handles = [m.register_forward_pre_hook(lambda mod, args, k=k: self.update(k, args[0]))
+                         for k, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """z-score over the last dimension (the anchor's `standarlization`, torch.std: unbiased)."""
+    return (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp_min(1e-12)
+
+
+def remove_in_order(s: ModelStructure, order: list[tuple[int, str, int]], target: float,
+                    plan: KeepPlan | None = None) -> KeepPlan:
+    """Remove units (layer, "h" | "c", index) in the given order until `target` parameters are gone.
+
+    Real costs: a query head frees its q rows and o columns, plus its KV head's rows when it is the last
+    query head of the group; a unit that would overshoot by more than half the smallest unit is skipped.
+    Starts from `plan` (default: the full model) and counts only what this call removes.
+    """
+    plan = KeepPlan.full(s) if plan is None else KeepPlan.from_dict(plan.to_dict())
+    heads = [set(h) for h in plan.heads]
+    chans = [set(c) for c in plan.channels]
+    layers = {i for i, _, _ in order}
+    smallest = min(min(s.layers[i].channel_cost for i in layers), min(s.layers[i].q_head_cost for i in layers))
+    removed = 0.0
+    for i, kind, j in order:
+        if target - removed <= smallest / 2:
+            break
+        info = s.layers[i]
+        if kind == "c":
+            if j not in chans[i]:
+                continue
+            cost = info.channel_cost
+        else:
+            if j not in heads[i]:
+                continue
+            group = {h for h in heads[i] if info.kv_of(h) == info.kv_of(j)}
+            cost = info.q_head_cost + (info.kv_head_cost if group == {j} else 0)
+        if removed + cost - target > smallest / 2:
+            continue
+        removed += cost
+        (chans if kind == "c" else heads)[i].discard(j)
+    return KeepPlan([sorted(h) for h in heads], [sorted(c) for c in chans], list(plan.removed_layers))
+
+
+class FLAP(PruningMethod):
+    def __init__(self, name: str, compensate: bool = True, dataset: str = "wikitext2", n_samples: int = 1024,
+                 seq_len: int = 128, square_attn: bool = True, heads: bool = True, channels: bool = True):
+        super().__init__(name, heads, channels)
+        self.compensate, self.square_attn = compensate, square_attn
+        self.dataset, self.n_samples, self.seq_len = dataset, n_samples, seq_len
+
+    def _watched(self, s: ModelStructure, layers: list[int]) -> dict:
+        return {f"{i}:{p}": s.layers[i].linear(p) for i in layers for p in (s.spec.o, s.spec.mlp_out)}
+
+    def statistics(self, ctx: PruneContext) -> RunningStats:
+        batch = ctx.calib(dataset=self.dataset, n_samples=self.n_samples, seq_len=self.seq_len)  # (N, T)
+        with RunningStats(self._watched(ctx.structure, ctx.prunable)) as stats:
+            run_batches(ctx.model, batch, ctx.calibration["batch_size"], desc="flap calibration")
+        return stats
+
+    def scores(self, s: ModelStructure, stats: RunningStats, layers: list[int]) -> dict:
+        """Standardised WIFV scores {"heads": {layer: (H,)}, "channels": {layer: (C,)}}."""
+        out = {"heads": {}, "channels": {}}
+        for i in layers:
+            info = s.layers[i]
+            w_o = info.linear(s.spec.o).weight.double()  # (D, H*hd)
+            attn = stats.var(f"{i}:{s.spec.o}").to(w_o.device) * w_o.pow(2).sum(0)  # (H*hd,)
+            attn = attn.pow(2) if self.square_attn else attn
+            out["heads"][i] = standardize(attn).view(info.n_heads, info.head_dim).mean(1).cpu()  # (H,)
+            w_d = info.linear(s.spec.mlp_out).weight.double()  # (D, C)
+            mlp = stats.var(f"{i}:{s.spec.mlp_out}").to(w_d.device) * w_d.pow(2).sum(0)  # (C,)
+            out["channels"][i] = standardize(mlp).cpu()
+        return out
+
+    def plan(self, ctx: PruneContext) -> KeepPlan:
+        s = ctx.structure
+        with ctx.meter.stage("score"):
+            stats = self.statistics(ctx)
+            sc = self.scores(s, stats, ctx.prunable)
+        units = [(float(v), i, "h", j) for i in ctx.prunable if self.heads for j, v in enumerate(sc["heads"][i])]
+        units += [(float(v), i, "c", j) for i in ctx.prunable if self.channels for j, v in enumerate(sc["channels"][i])]
+        units.sort(key=lambda u: u[0])  # one global threshold over the standardised scores
+        plan = remove_in_order(s, [(i, k, j) for _, i, k, j in units], ctx.ratio * s.total_params)
+        ctx.extras["flap"] = {"calibration": [self.dataset, self.n_samples, self.seq_len],
+                              "attention_layers_removed": [i for i in ctx.prunable if not plan.heads[i]]}
+        if self.compensate:
+            ctx.manifest["biases_added"] = compensate(s, plan, stats)
+        return plan
+
+
+@torch.no_grad()
+def compensate(s: ModelStructure, plan: KeepPlan, stats: RunningStats) -> list[str]:
+    """Add W[:, pruned] . mean(X[pruned]) to each output projection's bias (before slicing). Returns the
+    model paths of the Linears that had no bias and got one."""
+    added = []
+    for i, info in enumerate(s.layers):
+        for path, kind, kept, n in ((s.spec.o, "o", plan.heads[i], info.n_heads),
+                                    (s.spec.mlp_out, "ch_out", plan.channels[i], info.n_channels)):
+            pruned = sorted(set(range(n)) - set(kept))
+            if not pruned or f"{i}:{path}" not in stats.n:
+                continue
+            lin = info.linear(path)
+            idx = info.unit_index(kind, pruned).to(lin.weight.device)
+            mean = stats.mean(f"{i}:{path}").to(lin.weight.device)[idx]  # (n_pruned_cols,)
+            b = lin.weight.double()[:, idx] @ mean  # (out,)
+            if lin.bias is None:
+                lin.bias = nn.Parameter(torch.zeros_like(b, dtype=lin.weight.dtype), requires_grad=False)
+                added.append(f"{s.spec.layers}.{i}.{path}")
+            lin.bias.data += b.to(lin.bias.dtype)
+    return added
