@@ -10,7 +10,7 @@ import os
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from evaluate import run_evaluations
+from evaluate import check_evaluations, measure_dense_reference, run_evaluations
 from prune.allocation import within_range_ratio
 from prune.checkpoint import save_pruned
 from prune.logger import make_logger
@@ -33,6 +33,7 @@ def run(cfg: DictConfig, out_dir: str) -> dict:
     method = build_method(cfg)
     validate(cfg, method.granularity, method.heads, method.channels)
     os.makedirs(out_dir, exist_ok=True)
+    check_evaluations(cfg, out_dir)  # missing lm-eval task files fail before the model loads
     logger = make_logger(cfg)
     device = resolve_device(cfg.device)
     meter = StageMeter(device)
@@ -47,6 +48,7 @@ def run(cfg: DictConfig, out_dir: str) -> dict:
     with meter.stage("load"):
         model, tokenizer = load_model(cfg.model, resolve_dtype(cfg.dtype), device, cfg.seed)
     base_config = model.config.to_dict()
+    measure_dense_reference(cfg, model, meter, results)  # efficiency report's dense side, before slicing
     s = discover(model)
     ctx = PruneContext(model, tokenizer, s, ratio, cfg.layer_range.first, cfg.layer_range.last, cfg.allocation,
                        OmegaConf.to_container(cfg.calibration, resolve=True), cfg.data.root, cfg.seed, meter)
@@ -71,7 +73,7 @@ def run(cfg: DictConfig, out_dir: str) -> dict:
 
         results["recover"] = run_recovery(cfg, model, tokenizer, meter, out_dir)
         save()
-    run_evaluations(cfg, model, tokenizer, meter, results, save)
+    run_evaluations(cfg, model, tokenizer, meter, results, save, out_dir)
     if cfg.save_model:
         with meter.stage("save"):
             save_pruned(model, tokenizer, plan, base_config, os.path.join(out_dir, "model"),

@@ -1,0 +1,73 @@
+"""Alpaca instruction data for LoRA recovery: loading, the prompt template, response-only labels.
+
+The template is the Stanford Alpaca one (with and without an `input` field), as LLM-Pruner's
+post-training uses. Prompt tokens get label -100 so the loss covers the response (and EOS) only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+from prune.data import resolve_root
+
+IGNORE = -100
+HEADER = "Below is an instruction that describes a task{extra}. Write a response that appropriately completes the request.\n\n"
+WITH_INPUT = HEADER.format(extra=", paired with an input that provides further context") + \
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+NO_INPUT = HEADER.format(extra="") + "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+def prompt(row: dict) -> str:
+    """The Alpaca prompt for a row, up to and including "### Response:\\n"."""
+    if row.get("input", "").strip():
+        return WITH_INPUT.format(instruction=row["instruction"], input=row["input"])
+    return NO_INPUT.format(instruction=row["instruction"])
+
+
+def load_alpaca(hub: str, local_file: str, root: str | None, n_samples: int | None, seed: int) -> list[dict]:
+    """Rows {instruction, input, output}: `<data.root>/<local_file>` when a data root is set, else the hub
+    dataset. `n_samples` draws a seeded subset (null: every row)."""
+    path = resolve_root(root)
+    if path is not None:
+        file = os.path.join(path, local_file)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"Recovery data {file} is missing (data.root={root!r}); "
+                                    f"set recover.data.local_file or data.root=null to use {hub}")
+        with open(file, encoding="utf-8") as f:
+            rows = json.load(f)
+    else:
+        import datasets
+
+        rows = list(datasets.load_dataset(hub, split="train"))
+    rows = [{"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]} for r in rows]
+    if n_samples and n_samples < len(rows):
+        rows = random.Random(seed).sample(rows, n_samples)
+    return rows
+
+
+def encode(tokenizer, row: dict, cutoff: int) -> dict:
+    """input_ids = prompt + response + EOS, truncated to `cutoff`; labels mask the prompt with -100."""
+    p = tokenizer(prompt(row), add_special_tokens=True).input_ids
+    full = tokenizer(prompt(row) + row["output"], add_special_tokens=True).input_ids
+    if tokenizer.eos_token_id is not None:
+        full = full + [tokenizer.eos_token_id]
+    full = full[:cutoff]
+    n_prompt = min(len(p), len(full))
+    return {"input_ids": full, "labels": [IGNORE] * n_prompt + full[n_prompt:]}
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    """Right-pad a micro-batch: (B, T) input_ids, attention_mask, labels (-100 on padding)."""
+    import torch
+
+    t = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), t), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), t), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), t), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
