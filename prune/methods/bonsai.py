@@ -68,7 +68,8 @@ def sample_masks(groups: list[torch.Tensor], n_units: int, prior: torch.Tensor, 
         k = math.ceil(drop_frac * len(g))
         if k == 0:
             continue
-        gumbel = -torch.log(-torch.log(torch.rand(n, len(g), generator=gen, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)))
+        u = torch.rand(n, len(g), generator=gen, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+        gumbel = -torch.log(-torch.log(u))
         drop = torch.topk(logp[g][None, :] + gumbel, k, dim=1).indices  # (n, k)
         masks[torch.arange(n)[:, None], g[drop]] = False
     return torch.cat([masks, ~masks]) if complements else masks
@@ -137,7 +138,8 @@ class Bonsai(PruningMethod):
                 with ctx.meter.stage("masked_forwards"):
                     y = torch.tensor([self._ppl(ctx, masker, plan, units, m, batch, bs) for m in keep])
                 utility = -lasso(keep.float(), y, self.l1)  # (n_units,)
-                order = sorted(range(len(units)), key=lambda u: (float(utility[u] / cost[u]), float(norm_pri[u] / cost[u])))
+                per_param = (utility / cost).tolist(), (norm_pri / cost).tolist()
+                order = sorted(range(len(units)), key=lambda u: (per_param[0][u], per_param[1][u]))
                 step = min(self.round_frac * s.total_params, target - (s.total_params - plan.params_after(s)))
                 before = plan.params_after(s)
                 plan = remove_in_order(s, [units[u] for u in order], step, plan)

@@ -161,6 +161,7 @@ class SliceGPT(PruningMethod):
             transform = slice_model(ctx.model, batch, ctx.ratio, self.batch_size or ctx.calibration["batch_size"],
                                     self.damping)
         ctx.manifest["transform"] = transform
-        ctx.extras["slicegpt"] = {"slicing": ctx.ratio, "hidden": transform["mean_dim"], "sliced": transform["dims"][0][0],
+        ctx.extras["slicegpt"] = {"slicing": ctx.ratio, "hidden": transform["mean_dim"],
+                                  "sliced": transform["dims"][0][0],
                                   "calibration": [self.dataset, self.n_samples, self.seq_len]}
         return KeepPlan.full(ctx.structure)
