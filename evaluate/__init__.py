@@ -8,8 +8,6 @@ compare dense and pruned in one run.
 """
 from __future__ import annotations
 
-import os
-
 from evaluate.ppl import perplexity
 
 
@@ -38,7 +36,6 @@ def measure_dense_reference(cfg, model, meter, results: dict) -> None:
 
 def run_evaluations(cfg, model, tokenizer, meter, results: dict, save, out_dir: str | None = None) -> None:
     ev = cfg.evaluate
-    out_dir = out_dir or os.getcwd()
     if ev.get("ppl"):
         results["ppl"], results["ppl_windows"] = {}, {}
         for name in ev.ppl.datasets:

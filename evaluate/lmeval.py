@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 
 import yaml
 
@@ -63,14 +64,16 @@ def data_files(rendered: str, task: str) -> list[str]:
     return sorted(files)
 
 
-def task_manager(tasks: list[str], data_root: str | None, out_dir: str):
-    """A TaskManager that knows `tasks`; raises FileNotFoundError naming any missing local file."""
+def task_manager(tasks: list[str], data_root: str | None, out_dir: str | None):
+    """A TaskManager that knows `tasks`; raises FileNotFoundError naming any missing local file.
+    The rendered task folder goes to <out_dir>/lm_eval_tasks (a temporary folder when out_dir is None)."""
     from lm_eval.tasks import TaskManager
 
     root = resolve_root(data_root)
     if root is None:
         return TaskManager()
-    rendered = render_tasks(root, os.path.join(out_dir, "lm_eval_tasks"))
+    dest = os.path.join(out_dir or tempfile.mkdtemp(prefix="lm_eval_"), "lm_eval_tasks")
+    rendered = render_tasks(root, dest)
     missing = [(t, f) for t in tasks for f in data_files(rendered, t) if not os.path.isfile(f)]
     if missing:
         lines = "\n".join(f"  {t}: {f}" for t, f in missing)

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 def run_recovery(cfg: DictConfig, model, tokenizer, meter, out_dir: str) -> dict:
     from recover.lora import attach_lora, merge, train_lora
-    from recover.prompting import encode, load_alpaca
+    from recover.prompting import IGNORE, encode, load_alpaca
 
     rc = cfg.recover
     if rc.name not in ("lora_alpaca", "lora_alpaca_4k"):
@@ -24,7 +24,7 @@ def run_recovery(cfg: DictConfig, model, tokenizer, meter, out_dir: str) -> dict
     with meter.stage("recover"):
         rows = load_alpaca(rc.data.hub, rc.data.local_file, cfg.data.root, rc.data.n_samples, cfg.seed)
         examples = [encode(tokenizer, r, rc.cutoff_len) for r in rows]
-        examples = [e for e in examples if any(l != -100 for l in e["labels"][1:])]  # prompt filled the cutoff
+        examples = [e for e in examples if any(l != IGNORE for l in e["labels"][1:])]  # drop: prompt filled the cutoff
         peft_model = attach_lora(model, rc.lora.r, rc.lora.alpha, rc.lora.dropout, rc.lora.target_modules)
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         log.info("lora: %d examples, %d trainable parameters", len(examples), trainable)
