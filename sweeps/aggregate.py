@@ -1,0 +1,424 @@
+"""Assemble a finished sweep's results.json files into a paper-layout table (Markdown, CSV, LaTeX).
+
+    python sweeps/aggregate.py <table> --scale smoke|paper [--dir sweeps_out/<table>/<scale>]
+
+The experiment config conf/experiment/<table>.yaml says what the table holds:
+
+* ``table.rows``: row keys, each a dotted path into the resolved run config (``method.name``, ``ratio``,
+  ``recover.name``, ``init.name`` ...), with a display name, optional ``labels`` and ``fmt: percent``.
+* ``table.pivot``: optional key whose values spread the columns (e.g. one column block per model).
+* ``table.columns``: ``{name, path, better: low|high, scale, fmt}`` with ``path`` dotted into results.json,
+  or ``{name, mean: [column names]}``: the arithmetic mean of those columns (the papers' "Mean"/"Avg"),
+  or ``{name, path, text: true}`` for a text cell (generation samples).
+* ``table.group_by``: the row key(s) that block the table (e.g. ratio); the best value of each column is bold
+  within each block (lowest for ``better: low``, highest for ``better: high``). The dense row is never bold.
+* ``table.dense``: put the dense reference row(s) first; a row key marked ``dense: true`` (e.g. the model when
+  models are rows) keeps its value in the dense row, so there is one dense row per value.
+
+``scales.<scale>`` lists the sweeps (grids) that ``sweeps/run_table.py`` launches. Every grid point is composed
+with Hydra to learn its row key values, so a point whose run is missing, failed or lacks a metric shows as "–"
+and is listed in a warning (and under the Markdown table): nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig, OmegaConf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONF = os.path.join(ROOT, "conf")
+DASH = "–"
+log = logging.getLogger("aggregate")
+
+
+# ----------------------------------------------------------------------------------------------- spec
+
+
+def load_experiment(table: str) -> DictConfig:
+    path = os.path.join(CONF, "experiment", f"{table}.yaml")
+    if not os.path.isfile(path):
+        names = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "experiment")) if f.endswith(".yaml"))
+        raise SystemExit(f"no experiment {table!r}; choose one of: {', '.join(names)}")
+    return OmegaConf.load(path)
+
+
+@dataclass
+class Sweep:
+    """One `python run.py -m` command: fixed overrides and a Cartesian grid."""
+    name: str
+    grid: dict[str, list]
+    overrides: list[str] = field(default_factory=list)
+    dense: bool = False
+
+    def points(self) -> list[list[str]]:
+        """The overrides of every grid point (Hydra's order: the last key varies fastest)."""
+        keys = list(self.grid)
+        combos = itertools.product(*(self.grid[k] for k in keys)) if keys else [()]
+        return [[f"{k}={_ov(v)}" for k, v in zip(keys, combo)] for combo in combos]
+
+
+def _ov(v) -> str:
+    return "null" if v is None else str(v)
+
+
+def sweeps(exp: DictConfig, scale: str) -> tuple[list[str], list[Sweep]]:
+    """(overrides common to every run of the scale, the sweeps incl. the dense reference)."""
+    if scale not in exp.scales:
+        raise SystemExit(f"scale {scale!r} not in this experiment; choose one of {list(exp.scales)}")
+    sc = exp.scales[scale]
+    common = [str(o) for o in sc.get("overrides", [])]
+    out = []
+    for i, s in enumerate(sc.sweeps):
+        grid = {k: list(v) for k, v in (s.get("grid") or {}).items()}
+        out.append(Sweep(s.get("name", f"grid{i}"), grid, [str(o) for o in s.get("overrides", [])]))
+    if exp.table.get("dense", False):
+        d = sc.get("dense") or {}
+        grid = {k: list(v) for k, v in (d.get("grid") or {}).items()}
+        out.insert(0, Sweep("dense", grid, ["method=dense", "recover=none", *[str(o) for o in d.get("overrides", [])]],
+                            dense=True))
+    return common, out
+
+
+def compose_point(table: str, overrides: list[str]) -> DictConfig:
+    """The resolved run config of one grid point, as run.py would see it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[f"+experiment={table}", *overrides])
+    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+
+
+@dataclass
+class Point:
+    sweep: str
+    overrides: list[str]
+    key: tuple            # values of the row keys (dense: ("dense", values of the rows marked `dense: true`))
+    pivot: object         # value of the pivot key, or None
+    dense: bool
+
+
+class Resolver:
+    """A grid point's value of a config path, read from its overrides instead of composing every point.
+
+    An explicit ``path=v`` override gives v; a path inside an overridden group (``method.criterion`` under
+    ``method=mini_llm``) is read from that group's file; anything else is the same for every point of the sweep
+    and is read from one composed point. tests/test_experiments.py checks this against full compositions.
+    """
+
+    def __init__(self, table: str, base_overrides: list[str]):
+        self.table, self.base_overrides, self._base = table, base_overrides, None
+
+    def base(self) -> DictConfig:
+        if self._base is None:
+            self._base = compose_point(self.table, self.base_overrides)
+        return self._base
+
+    def value(self, path: str, overrides: list[str]):
+        ov = {}
+        for o in overrides:
+            k, _, v = o.partition("=")
+            ov[k.lstrip("+~")] = v
+        if path in ov:
+            return _parse(ov[path])
+        head, _, rest = path.partition(".")
+        group_file = os.path.join(CONF, head, f"{ov.get(head)}.yaml")
+        if rest and head in ov and os.path.isfile(group_file):
+            with open(group_file) as f:
+                glob = "@package _global_" in f.read(500)   # content placed at the root, not under `head`
+            return lookup(OmegaConf.to_container(OmegaConf.load(group_file)), path if glob else rest)
+        return lookup(self.base(), path)
+
+
+def _parse(v: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(v)
+    except yaml.YAMLError:
+        return v
+
+
+def expected_points(table: str, exp: DictConfig, scale: str) -> list[Point]:
+    """Every grid point of the scale with its row identity (dense reference first)."""
+    common, sws = sweeps(exp, scale)
+    tbl, pts = exp.table, []
+    for sw in sws:
+        all_points = sw.points()
+        res = Resolver(table, [*common, *sw.overrides, *all_points[0]])
+        for ov in all_points:
+            full = [*common, *sw.overrides, *ov]
+            key = tuple(_norm(res.value(r.key, full)) for r in tbl.rows if r.get("dense") or not sw.dense)
+            key = ("dense", *key) if sw.dense else key
+            pivot = _norm(res.value(tbl.pivot.key, full)) if tbl.get("pivot") else None
+            pts.append(Point(sw.name, [*sw.overrides, *ov], key, pivot, sw.dense))
+    return pts
+
+
+def lookup(obj, path: str):
+    """obj['a']['b'] for path 'a.b'; None where any part is missing."""
+    for part in str(path).split("."):
+        if isinstance(obj, (dict, DictConfig)) and part in obj:
+            obj = obj[part]
+        else:
+            return None
+    return obj
+
+
+def _norm(v):
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v if v is None or isinstance(v, (int, float, bool)) else str(v)
+
+
+def _is_dense(key: tuple) -> bool:
+    return bool(key) and key[0] == "dense"
+
+
+def row_key(tbl: DictConfig, cfg, dense: bool) -> tuple:
+    key = tuple(_norm(lookup(cfg, r.key)) for r in tbl.rows if r.get("dense") or not dense)
+    return ("dense", *key) if dense else key
+
+
+def pivot_value(tbl: DictConfig, cfg):
+    return _norm(lookup(cfg, tbl.pivot.key)) if tbl.get("pivot") else None
+
+
+# ----------------------------------------------------------------------------------------------- results
+
+
+def find_results(sweep_dir: str) -> list[tuple[str, dict]]:
+    """(path, results) for every results.json under the sweep dir, oldest first."""
+    found = []
+    for dirpath, _, files in os.walk(sweep_dir):
+        if "results.json" in files:
+            p = os.path.join(dirpath, "results.json")
+            try:
+                with open(p) as f:
+                    found.append((p, json.load(f)))
+            except (OSError, json.JSONDecodeError) as e:
+                log.warning("unreadable %s: %s", p, e)
+    return sorted(found, key=lambda pr: os.path.getmtime(pr[0]))
+
+
+def match(tbl: DictConfig, points: list[Point], found: list[tuple[str, dict]]) -> dict[int, dict]:
+    """Index of each expected point -> its results (the newest run wins; extra runs are reported)."""
+    index = {(p.key, p.pivot): i for i, p in enumerate(points)}
+    out, extra = {}, []
+    for path, res in found:
+        cfg = res.get("config", {})
+        dense = lookup(cfg, "method.name") == "dense"
+        k = (row_key(tbl, cfg, dense), pivot_value(tbl, cfg))
+        if k in index:
+            out[index[k]] = res
+        else:
+            extra.append(path)
+    if extra:
+        log.warning("%d run(s) match no grid point of this scale and are not in the table: %s",
+                    len(extra), ", ".join(extra))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- table
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]           # display strings, DASH where missing
+    values: list[list[float | None]]  # numeric cells (None for row labels / missing)
+    bold: list[list[bool]]
+    missing: list[str]
+    title: str = ""
+    n_labels: int = 1               # leading row-label columns
+
+
+def _fmt_key(spec, v) -> str:
+    if v is None:
+        return ""
+    labels = spec.get("labels") or {}
+    if v in labels or str(v) in labels:
+        return str(labels.get(v, labels.get(str(v))))
+    if spec.get("fmt") == "percent" and isinstance(v, (int, float)):
+        return f"{100 * v:g}%"
+    return str(v)
+
+
+def _metric(res: dict | None, col) -> float | None:
+    if res is None:
+        return None
+    v = lookup(res, col.path)
+    if col.get("text"):
+        return " ".join(str(v).split()) if v is not None else None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return float(v) * float(col.get("scale", 1))
+
+
+def build(exp: DictConfig, points: list[Point], results: dict[int, dict]) -> Table:
+    tbl = exp.table
+    pivots = list(dict.fromkeys(p.pivot for p in points))
+    has_pivot = bool(tbl.get("pivot"))
+    cols = list(tbl.columns)
+    header = [r.name for r in tbl.rows]
+    for pv in pivots:
+        for c in cols:
+            header.append(f"{_fmt_key(tbl.pivot, pv)} {c.name}" if has_pivot else c.name)
+
+    # rows in first-appearance order, dense first, then blocked by group_by
+    keys = list(dict.fromkeys(p.key for p in points))
+    dense_keys = [k for k in keys if _is_dense(k)]
+    rest = [k for k in keys if not _is_dense(k)]
+    names = [r.key for r in tbl.rows]
+    gb = tbl.get("group_by") or []
+    gi = [names.index(g) for g in ([gb] if isinstance(gb, str) else gb)]
+
+    def group(k):
+        return tuple(k[i] for i in gi)
+
+    order = list(dict.fromkeys(group(k) for k in rest))
+    rest.sort(key=lambda k: order.index(group(k)))
+    keys = dense_keys + rest
+    by = {(p.key, p.pivot): i for i, p in enumerate(points)}
+
+    rows, values, missing = [], [], []
+    for k in keys:
+        if _is_dense(k):
+            kept = iter(k[1:])
+            label = [_fmt_key(r, next(kept)) if r.get("dense") else "" for r in tbl.rows]
+            mi = names.index("method.name") if "method.name" in names else len(names) - 1
+            label[mi] = str(tbl.get("dense_label", "Dense"))
+        else:
+            label = [_fmt_key(r, v) for r, v in zip(tbl.rows, k)]
+        vals = []
+        for pv in pivots:
+            i = by.get((k, pv))
+            res = results.get(i) if i is not None else None
+            if i is not None and res is None:
+                missing.append(f"{points[i].sweep}: {' '.join(points[i].overrides)} (no results.json)")
+            raw = {c.name: _metric(res, c) for c in cols if "mean" not in c}
+            for c in cols:
+                if "mean" in c:
+                    parts = [raw.get(n) for n in c.mean]
+                    v = sum(parts) / len(parts) if parts and all(x is not None for x in parts) else None
+                else:
+                    v = raw[c.name]
+                    if i is not None and res is not None and v is None:
+                        missing.append(f"{points[i].sweep}: {' '.join(points[i].overrides)} (no {c.path})")
+                vals.append(v)
+        rows.append(label)
+        values.append(vals)
+
+    fmts = [c.get("fmt", ".2f") for _ in pivots for c in cols]
+    betters = [c.get("better", "high" if "mean" in c else None) for _ in pivots for c in cols]
+    bold = [[False] * len(v) for v in values]
+    groups: dict = {}
+    for ri, k in enumerate(keys):
+        if not _is_dense(k):
+            groups.setdefault(group(k), []).append(ri)
+    for members in groups.values():
+        for ci, better in enumerate(betters):
+            cand = [values[ri][ci] for ri in members if values[ri][ci] is not None]
+            if better not in ("low", "high") or len(cand) < 2:
+                continue
+            best = min(cand) if better == "low" else max(cand)
+            for ri in members:
+                bold[ri][ci] = values[ri][ci] is not None and values[ri][ci] == best
+    cells = [lab + [DASH if v is None else v if isinstance(v, str) else format(v, f) for v, f in zip(vals, fmts)]
+             for lab, vals in zip(rows, values)]
+    return Table(header, cells, [[None] * len(tbl.rows) + v for v in values],
+                 [[False] * len(tbl.rows) + b for b in bold], missing, str(tbl.get("title", "")), len(tbl.rows))
+
+
+def to_markdown(t: Table) -> str:
+    def cell(s, b):
+        s = s.replace("|", "\\|")
+        return f"**{s}**" if b else s
+
+    lines = [f"**{t.title}**", ""] if t.title else []
+    lines += ["| " + " | ".join(t.header) + " |", "|" + "|".join("---" for _ in t.header) + "|"]
+    for r, b in zip(t.rows, t.bold):
+        lines.append("| " + " | ".join(cell(s, x) for s, x in zip(r, b)) + " |")
+    if t.missing:
+        lines += ["", f"Missing ({len(t.missing)}), shown as {DASH}:"] + [f"- {m}" for m in t.missing]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(t: Table) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(t.header)
+    w.writerows(t.rows)
+    return buf.getvalue()
+
+
+def _tex(s: str) -> str:
+    return s.replace("\\", r"\textbackslash{}").replace("%", r"\%").replace("_", r"\_").replace("&", r"\&")
+
+
+def to_latex(t: Table) -> str:
+    spec = "l" * t.n_labels + "r" * (len(t.header) - t.n_labels)
+    lines = [r"\begin{tabular}{" + spec + "}", r"\toprule", " & ".join(_tex(h) for h in t.header) + r" \\",
+             r"\midrule"]
+    for r, b in zip(t.rows, t.bold):
+        cells = [(r"\textbf{" + _tex(s) + "}") if x else ("--" if s == DASH else _tex(s)) for s, x in zip(r, b)]
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    caption = f"% {t.title}\n" if t.title else ""
+    return caption + "\n".join(lines) + "\n"
+
+
+def aggregate(table: str, scale: str, sweep_dir: str, out_dir: str | None = None) -> Table:
+    """Build the table of one sweep dir and write table.md, table.csv and table.tex into out_dir."""
+    exp = load_experiment(table)
+    points = expected_points(table, exp, scale)
+    t = build(exp, points, match(exp.table, points, find_results(sweep_dir)))
+    t.title = f"{t.title} [{scale} scale]" if t.title else f"{table} [{scale} scale]"
+    if t.missing:
+        log.warning("%s/%s: %d missing or failed cell source(s), shown as %s:\n  %s", table, scale,
+                    len(t.missing), DASH, "\n  ".join(t.missing))
+    out_dir = out_dir or sweep_dir
+    os.makedirs(out_dir, exist_ok=True)
+    for ext, text in (("md", to_markdown(t)), ("csv", to_csv(t)), ("tex", to_latex(t))):
+        with open(os.path.join(out_dir, f"table.{ext}"), "w") as f:
+            f.write(text)
+    return t
+
+
+def log_to_wandb(t: Table, table: str, scale: str, mode: str, project: str | None = None) -> None:
+    """Log the assembled table to wandb in the sweep's group (the runs themselves log with logger=wandb)."""
+    import wandb
+
+    project = project or OmegaConf.load(os.path.join(CONF, "logger", "wandb.yaml")).project
+    run = wandb.init(project=project, group=f"{table}-{scale}", job_type="aggregate", mode=mode,
+                     name=f"{table}-{scale}-table", config={"table": table, "scale": scale})
+    run.log({"table": wandb.Table(columns=t.header, data=t.rows), "missing_cells": len(t.missing)})
+    run.finish()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("table")
+    ap.add_argument("--scale", default="smoke", choices=["smoke", "paper"])
+    ap.add_argument("--dir", help="sweep dir (default sweeps_out/<table>/<scale>)")
+    ap.add_argument("--wandb", choices=["online", "offline"], help="also log the table to wandb")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    sweep_dir = a.dir or os.path.join("sweeps_out", a.table, a.scale)
+    t = aggregate(a.table, a.scale, sweep_dir)
+    if a.wandb:
+        log_to_wandb(t, a.table, a.scale, a.wandb)
+    sys.stdout.write(to_markdown(t))
+    print(f"\nwritten: {os.path.join(sweep_dir, 'table.{md,csv,tex}')}")
+
+
+if __name__ == "__main__":
+    main()
