@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-from omegaconf import OmegaConf
 
 from conftest import ROOT
 
@@ -147,23 +146,34 @@ def test_command_excludes_fixed_keys_from_job_dir_names():
 # ------------------------------------------------------------------------------------------- aggregator
 
 
-def _write(root, sub, cfg, metrics):
+def _write(root, sub, cfg: dict, metrics):
     d = root / sub
     d.mkdir(parents=True)
-    cfg = OmegaConf.to_container(cfg, resolve=True)
-    (d / "results.json").write_text(json.dumps({"model": cfg["model"]["name"], "method": cfg["method"]["name"],
-                                                "config": cfg, **metrics}))
+    (d / "results.json").write_text(json.dumps({"method": agg.lookup(cfg, "method.name"), "config": cfg, **metrics}))
+
+
+def _synthetic_config(tbl, p) -> dict:
+    """A run config holding just what identifies the point: its row keys, pivot and method name."""
+    cfg: dict = {}
+    keys = [r.key for r in tbl.rows if r.get("dense")] if p.dense else [r.key for r in tbl.rows]
+    pairs = list(zip(keys, p.key[1:] if p.dense else p.key))
+    pairs += [(tbl.pivot.key, p.pivot)] if tbl.get("pivot") else []
+    pairs += [("method.name", "dense")] if p.dense else []
+    for path, v in pairs:
+        node = cfg
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = v
+    return cfg
 
 
 def _fake_sweep(tmp_path, name, scale, metrics_of, skip=()):
-    """results.json for every grid point (composed config + metrics_of(point)), except those in skip."""
+    """Synthetic results.json for every grid point of the scale, except the indices in skip."""
     exp = agg.load_experiment(name)
-    common, _ = agg.sweeps(exp, scale)
     for i, p in enumerate(agg.expected_points(name, exp, scale)):
-        if i in skip:
-            continue
-        cfg = agg.compose_point(name, [*common, *p.overrides])
-        _write(tmp_path, f"{p.sweep}/{i}", cfg, metrics_of(i, p))
+        if i not in skip:
+            _write(tmp_path, f"{p.sweep}/{i}", _synthetic_config(exp.table, p), metrics_of(i, p))
     return exp
 
 
@@ -224,8 +234,8 @@ def test_aggregate_mean_accuracy_metric_per_task_and_missing_metric(tmp_path, ca
 def test_aggregate_pivot_columns_and_extra_runs(tmp_path, caplog):
     name = "mini_llm_bloom_opt"
     _fake_sweep(tmp_path, name, "smoke", lambda i, p: {"ppl": {"wikitext2": 100.0 + i, "ptb": 200.0 + i}})
-    _write(tmp_path, "stray/0", agg.compose_point(name, ["model=tiny_opt", "method=wanda_sp", "ratio=0.5",
-                                                        "layer_range=all"]), {"ppl": {"wikitext2": 1.0}})
+    stray = {"model": {"name": "tiny_opt"}, "method": {"name": "wanda_sp"}, "ratio": 0.5}  # not in the grid
+    _write(tmp_path, "stray/0", stray, {"ppl": {"wikitext2": 1.0}})
     with caplog.at_level(logging.WARNING, logger="aggregate"):
         t = agg.aggregate(name, "smoke", str(tmp_path))
     assert t.header == ["Ratio", "Method", "tiny-BLOOM WikiText2", "tiny-BLOOM PTB", "tiny-OPT WikiText2",
@@ -234,3 +244,45 @@ def test_aggregate_pivot_columns_and_extra_runs(tmp_path, caplog):
     assert [r[0] for r in t.rows[1:]] == ["10%"] * 4 + ["30%"] * 4  # grouped by ratio
     assert not t.missing and "match no grid point" in caplog.text
     assert "1.00" not in [c for r in t.rows for c in r]  # the stray run is not in the table
+
+
+# ------------------------------------------------------------------------------------------- plots
+
+
+def test_pruned_set_similarity():
+    from sweeps.plots import jaccard, pruned_sets
+
+    sp = [{"channels": 0.5}, {"channels": 0.0}, {"channels": 1.0}]
+    a = pruned_sets({"channels": [[0, 1], [0, 1, 2, 3], []], "removed_layers": [2]}, sp, "channels")
+    b = pruned_sets({"channels": [[0, 2], [0, 1, 2, 3], []], "removed_layers": [2]}, sp, "channels")
+    assert a[0] == {2, 3} and b[0] == {1, 3} and a[1] == set()
+    assert jaccard(a[0], b[0]) == pytest.approx(1 / 3)
+    assert jaccard(a[1], b[1]) != jaccard(a[1], b[1])  # nothing pruned in either: nan, not 1
+    assert jaccard(a[2], b[2]) == 1.0
+
+
+def test_figures_written_as_png_and_pdf(tmp_path):
+    from sweeps.plots import plot
+
+    for i, (alloc, ratio, ppl) in enumerate([("global", 0.3, 20.0), ("local", 0.3, 25.0), ("global", 0.5, 40.0)]):
+        d = tmp_path / str(i)
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({
+            "model": "m", "method": "pg", "ppl": {"wikitext2": ppl},
+            "config": {"ratio": ratio, "method": {"name": "pg", "allocation": alloc}},
+            "per_layer_sparsity": [{"heads": 0.1 * j, "channels": 0.2, "params": 0.15} for j in range(4)]}))
+    for name in ("pg_fig4_global_local", "pg_per_layer_sparsity"):
+        paths = plot(name, agg.load_experiment(name), str(tmp_path))
+        assert sorted(p.rsplit(".", 1)[1] for p in paths) == ["pdf", "png"]
+        assert all(os.path.getsize(p) > 1000 for p in paths)
+
+
+def test_table_logs_to_wandb_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    t = agg.Table(["Method", "PPL"], [["a", "1.00"], ["b", agg.DASH]], [[None, 1.0], [None, None]],
+                  [[False, False], [False, False]], ["b: no results.json"])
+    agg.log_to_wandb(t, "mini_llm_criterion", "smoke", "offline", project="test")
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
