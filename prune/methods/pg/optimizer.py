@@ -45,6 +45,8 @@ def hydra_run_dir() -> str | None:
 
 
 class PolicyGradient(PruningMethod):
+    settings_cls, trainer_cls = PGSettings, Trainer
+
     def __init__(self, name: str = "pg", init=None, granularity: str = "width", allocation: str = "global",
                  budget: str = "single", gqa_unit: str = "query", n_segments: int = 120000, seq_len: int = 128,
                  checkpoint_every: int = 50, resume: bool = False, log_every: int = 10, out_dir: str | None = None,
@@ -56,7 +58,7 @@ class PolicyGradient(PruningMethod):
         self.n_segments, self.seq_len = n_segments, seq_len
         self.checkpoint_every, self.resume, self.log_every = checkpoint_every, resume, log_every
         self.out_dir, self.plot = out_dir, plot
-        self.cfg = PGSettings(**settings)
+        self.cfg = self.settings_cls(**settings)
         if self.cfg.nan_policy not in ("stop", "skip"):
             raise ValueError(f"nan_policy={self.cfg.nan_policy!r}: choose stop (paper) or skip (released code)")
         self.on_step = None  # test hook: called with the step index after each step
@@ -79,7 +81,7 @@ class PolicyGradient(PruningMethod):
                        "budget": self.budget_mode, "allocation": self.allocation, "ratio": ctx.ratio,
                        "stages": [list(x) for x in stages], "n_segments": len(data), "seed": ctx.seed,
                        "init": self.init.name, **asdict(self.cfg)}
-        trainer = Trainer(ctx.model, table, self.cfg, gen)
+        trainer = self.trainer_cls(ctx.model, table, self.cfg, gen)
         start, curves, sparsity_curve, skipped = 0, [], [], 0
         if self.resume and ckpt.exists(out_dir):
             s, sc = ckpt.load_state(out_dir, gen, fingerprint)

@@ -1,0 +1,332 @@
+"""Policy-gradient pruning (issue 4): projection, REINFORCE, budget/plan, toy optimum, resume, sparse forward,
+inits, depth baselines, pg_gumbel, config wiring. Tiny models only."""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+import pytest
+import torch
+
+from prune.allocation import select
+from prune.methods.base import PruneContext
+from prune.memory import StageMeter
+from prune.methods.pg.init import MetricInit, ProgressiveInit, RandomInit
+from prune.methods.pg.optimizer import PolicyGradient
+from prune.methods.pg.policy import Baseline, sample_masks, score_gradient
+from prune.methods.pg.projection import project
+from prune.methods.pg.trainer import PGSettings, Trainer
+from prune.methods.pg.units import UnitTable
+from prune.methods.simple import Magnitude
+from tests.conftest import ROOT, tiny_model
+
+
+# ---------------------------------------------------------------- projection
+def brute_force_projection(z, c, K, metric):
+    """argmin Σ a_i (s_i - z_i)² s.t. cᵀs ≤ K, 0 ≤ s ≤ 1, by enumerating which coordinates sit at 0, at 1 or free
+    (and whether the budget binds), solving each equality-constrained case in closed form, keeping the best
+    feasible candidate. a = c (metric param) or 1 (euclid)."""
+    z, c = z.double().tolist(), c.double().tolist()
+    a = c if metric == "param" else [1.0] * len(z)
+    best, best_obj = None, math.inf
+    for assign in itertools.product((0, 1, 2), repeat=len(z)):  # 0: at 0, 1: at 1, 2: free
+        for binds in (False, True):
+            s = [float(x) if x < 2 else zi for x, zi in zip(assign, z)]
+            free = [i for i, x in enumerate(assign) if x == 2]
+            if binds:
+                if not free:
+                    continue
+                rest = K - sum(c[i] * s[i] for i in range(len(z)) if assign[i] != 2)
+                lam = (sum(c[i] * z[i] for i in free) - rest) / sum(c[i] ** 2 / a[i] for i in free)
+                for i in free:
+                    s[i] = z[i] - lam * c[i] / a[i]
+            if any(v < -1e-12 or v > 1 + 1e-12 for v in s) or sum(ci * v for ci, v in zip(c, s)) > K + 1e-9:
+                continue
+            obj = sum(ai * (v - zi) ** 2 for ai, v, zi in zip(a, s, z))
+            if obj < best_obj:
+                best, best_obj = s, obj
+    return torch.tensor(best, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("metric", ["param", "euclid"])
+def test_projection_matches_brute_force_and_is_feasible_idempotent(metric):
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        n = int(torch.randint(1, 6, (1,), generator=g))
+        z = torch.randn(n, generator=g, dtype=torch.float64) * 0.8 + 0.5
+        c = torch.rand(n, generator=g, dtype=torch.float64) * 3 + 0.2
+        K = float(torch.rand(1, generator=g) * c.sum())
+        s = project(z, c, torch.tensor([K]), metric=metric)
+        assert (s >= 0).all() and (s <= 1).all() and float(c @ s) <= K + 1e-9  # in C
+        torch.testing.assert_close(s, brute_force_projection(z, c, K, metric), atol=1e-7, rtol=0)
+        torch.testing.assert_close(project(s, c, torch.tensor([K]), metric=metric), s, atol=1e-12, rtol=0)
+
+
+def test_projection_groups_are_independent_and_param_metric_shifts_uniformly():
+    g = torch.Generator().manual_seed(1)
+    z = torch.rand(12, generator=g, dtype=torch.float64) + 0.3
+    c = torch.rand(12, generator=g, dtype=torch.float64) + 0.5
+    group = torch.tensor([0] * 5 + [1] * 7)
+    K = torch.tensor([0.4 * float(c[:5].sum()), 0.6 * float(c[5:].sum())])
+    s = project(z, c, K, group)
+    torch.testing.assert_close(s[:5], project(z[:5], c[:5], K[:1]))
+    torch.testing.assert_close(s[5:], project(z[5:], c[5:], K[1:]))
+    free = (s > 0) & (s < 1) & (group == 1)  # the paper's clip(z - v, 0, 1): one shift per group
+    shifts = (z - s)[free]
+    assert free.sum() >= 2 and torch.allclose(shifts, shifts[0].expand_as(shifts))
+
+
+# ---------------------------------------------------------------- REINFORCE
+def test_score_gradient_is_unbiased_for_the_expected_loss():
+    """E[(L(m) - δ) ∇ log p(m|s)] = ∇_s E[L(m)]; the exact gradient comes from enumerating all 2^3 masks."""
+    s = torch.tensor([0.3, 0.6, 0.8], dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    loss = lambda m: (w * m).sum(-1) + 3 * m[..., 0] * m[..., 1]  # noqa: E731
+    masks = torch.tensor(list(itertools.product((0.0, 1.0), repeat=3)), dtype=torch.float64)
+    prob = (masks * s + (1 - masks) * (1 - s)).prod(1)
+    (prob * loss(masks)).sum().backward()
+    exact = s.grad
+    m = sample_masks(s.detach(), 400000, torch.Generator().manual_seed(0)).double()
+    est = score_gradient(s.detach(), m, loss(m), delta=1.0, eps=1e-6)
+    torch.testing.assert_close(est, exact, atol=0.03, rtol=0)
+
+
+def test_baselines_window_and_ema():
+    b = Baseline("window", 2)
+    assert [b.advantage_baseline(x) for x in (4.0, 2.0, 6.0, 8.0)] == [4.0, 4.0, 3.0, 4.0]
+    e = Baseline("ema", 4)
+    assert e.advantage_baseline(4.0) == 4.0 and e.advantage_baseline(8.0) == pytest.approx(0.75 * 4 + 0.25 * 8)
+
+
+class ToyTrainer(Trainer):
+    """Trainer.step with the LLM replaced by a known loss: L(m) = Σ_i w_i (1 - m_i), removing unit i costs w_i."""
+
+    def __init__(self, w, cfg, gen):
+        self.w, self.cfg, self.gen = w, cfg, gen
+        self.table = type("T", (), {"cost": torch.ones_like(w), "group": torch.zeros(len(w), dtype=torch.long)})
+        self.baseline = Baseline(cfg.baseline, cfg.window)
+
+    def losses(self, batch, m):
+        return (self.w * (1 - m.double())).sum(1)
+
+
+@pytest.mark.parametrize("scale", ["paper", "released"])
+def test_toy_problem_reaches_the_best_mask_from_random_init(scale):
+    """With 1ᵀs ≤ K the best mask keeps the K units of largest w; PG from a random feasible s must find it."""
+    n, K = 16, 6
+    for seed in range(2):
+        g = torch.Generator().manual_seed(seed)
+        w = torch.rand(n, generator=g, dtype=torch.float64) * 0.3
+        best = torch.randperm(n, generator=g)[:K]
+        w[best] += 0.5
+        tr = ToyTrainer(w, PGSettings(lr=0.02, score_scale=scale), g)
+        budget = torch.tensor([float(K)])
+        s = project(torch.rand(n, generator=g, dtype=torch.float64), tr.table.cost, budget)
+        for step in range(800):
+            s = tr.step(s, None, budget, step, 800)["s"]
+        assert set(torch.topk(s, K).indices.tolist()) == set(best.tolist())
+
+
+# ---------------------------------------------------------------- units, budget, final plan
+def test_final_plan_hits_ratio_and_matches_global_select():
+    model, tok, s = tiny_model("tiny_llama_gqa")
+    table = UnitTable(s, list(range(s.num_layers)))
+    g = torch.Generator().manual_seed(0)
+    for ratio in (0.2, 0.3, 0.5):
+        sv = torch.rand(table.n, generator=g, dtype=torch.float64)
+        plan = table.final_plan(sv, ratio)
+        assert abs(plan.achieved_ratio(s) - ratio) * s.total_params <= s.layers[0].channel_cost / 2 + 1e-6
+        # allocation.select(global) ranks by score per parameter: feed it s x the unit's cost to rank by s
+        scores = {"heads": [], "channels": []}
+        for i in table.layers:
+            a, c = table.slices[i]
+            scores["heads"].append(sv[a] * table.cost[a])
+            scores["channels"].append(sv[c] * table.cost[c])
+        ref = select(s, scores, ratio, 0, 0, "global")
+        assert plan.heads == ref.heads and plan.channels == ref.channels
+
+
+def test_budget_variants_local_separate_group_depth():
+    model, tok, s = tiny_model("tiny_llama_gqa")
+    g = torch.Generator().manual_seed(0)
+    loc = UnitTable(s, list(range(s.num_layers)), allocation="local")
+    plan = loc.final_plan(torch.rand(loc.n, generator=g), 0.3)
+    f = 0.3 * s.total_params / float(loc.group_cost.sum())
+    for i in range(s.num_layers):  # every layer loses the same share of its prunable parameters (± one channel)
+        cap = float(loc.group_cost[i])
+        assert abs(plan.layer_params_removed(s, i) - f * cap) <= s.layers[i].channel_cost / 2 + 1e-6
+    sep = UnitTable(s, list(range(s.num_layers)), budget="separate", gqa_unit="group")
+    assert sep.n_groups == 2 and sep.n == s.num_layers * (s.layers[0].n_kv + s.layers[0].n_channels)
+    plan = sep.final_plan(torch.rand(sep.n, generator=g), 0.3)
+    for i in range(s.num_layers):  # group units: a KV head goes with all its query heads
+        kv = {s.layers[i].kv_of(h) for h in plan.heads[i]}
+        assert sorted(plan.heads[i]) == [h for h in range(s.layers[i].n_heads) if s.layers[i].kv_of(h) in kv]
+    dep = UnitTable(s, [1, 2], granularity="depth")
+    plan = dep.final_plan(torch.tensor([0.9, 0.1]), 0.2)
+    assert plan.removed_layers == [2]
+
+
+# ---------------------------------------------------------------- sparse forward
+def test_sparse_forward_losses_equal_masked_path():
+    model, tok, s = tiny_model("tiny_llama_gqa")
+    ids = torch.randint(0, 259, (3, 24), generator=torch.Generator().manual_seed(0))
+    ref = model(input_ids=ids).logits
+    for gran in ("width", "depth"):
+        table = UnitTable(s, list(range(s.num_layers)), granularity=gran)
+        m = (torch.rand(5, table.n, generator=torch.Generator().manual_seed(1)) < 0.6).float()
+        if gran == "width":
+            a0, c0 = table.slices[0]
+            m[0, a0] = 0  # every head of layer 0 gone
+            m[1, c0] = 0  # every channel of layer 0 gone
+            m[2, a0] = torch.tensor([1.0, 0, 0, 0])  # KV groups serving unequal numbers of query heads
+            m[3, a0] = torch.tensor([1.0, 0, 1, 0])  # equal groups, each with one query head
+        dense = Trainer(model, table, PGSettings(), torch.Generator())
+        sparse = Trainer(model, table, PGSettings(sparse_forward=True), torch.Generator())
+        with dense:
+            a = dense.losses(ids, m)
+        with sparse:
+            b = sparse.losses(ids, m)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(input_ids=ids).logits, ref)  # weights and forwards restored
+
+
+# ---------------------------------------------------------------- the method: resume, NaN, inits
+def make_ctx(data_root, ratio=0.3, model="tiny_llama_gqa"):
+    m, tok, s = tiny_model(model)
+    return PruneContext(m, tok, s, ratio, 0, 0, "uniform", {"dataset": "c4", "n_samples": 8, "seq_len": 32,
+                        "batch_size": 4}, data_root, 0, StageMeter("cpu"))
+
+
+def pg(out_dir, **kw):
+    base = dict(init=ProgressiveInit(stage_fraction=1 / 6), n_segments=24, seq_len=32, batch_size=4,
+                checkpoint_every=2, out_dir=str(out_dir), lr=0.05, plot=False)
+    return PolicyGradient(**{**base, **kw})
+
+
+def test_interrupted_and_resumed_run_gives_the_same_mask(tmp_path, data_root):
+    full = pg(tmp_path / "a")
+    plan_full = full.plan(make_ctx(data_root))
+    stopped = pg(tmp_path / "b")
+
+    def die(step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    stopped.on_step = die
+    with pytest.raises(KeyboardInterrupt):
+        stopped.plan(make_ctx(data_root))
+    resumed = pg(tmp_path / "b", resume=True)
+    ctx = make_ctx(data_root)
+    plan_resumed = resumed.plan(ctx)
+    assert ctx.extras["pg"]["steps_this_run"] < ctx.extras["pg"]["steps"]
+    assert torch.equal(resumed.s, full.s)
+    assert plan_resumed.to_dict() == plan_full.to_dict()
+    assert [c["step"] for c in ctx.extras["pg"]["curves"]] == [0, 5]  # step 0 was logged before the kill
+    with pytest.raises(ValueError, match="other settings"):
+        pg(tmp_path / "b", resume=True, lr=0.1).plan(make_ctx(data_root))
+
+
+class NaNTrainer(Trainer):
+    def losses(self, batch, m):
+        out = super().losses(batch, m)
+        return out * float("nan") if self.calls_made() == 3 else out
+
+    def calls_made(self):
+        self._n = getattr(self, "_n", 0) + 1
+        return self._n
+
+
+def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, data_root):
+    method = pg(tmp_path, init=RandomInit())
+    method.trainer_cls = NaNTrainer
+    with pytest.raises(FloatingPointError, match="non-finite loss .* at step 2"):
+        method.plan(make_ctx(data_root))
+    assert os.path.isfile(tmp_path / "pg_state.safetensors") and os.path.isfile(tmp_path / "pg_state.json")
+    skip = pg(tmp_path / "skip", init=RandomInit(), nan_policy="skip")
+    skip.trainer_cls = NaNTrainer
+    ctx = make_ctx(data_root)
+    skip.plan(ctx)
+    assert ctx.extras["pg"]["skipped_nan"] == 1
+
+
+def test_inits_are_feasible_and_follow_the_metric(data_root):
+    ctx = make_ctx(data_root)
+    table = UnitTable(ctx.structure, ctx.prunable)
+    budget = table.budget(0.3)
+    mag = Magnitude("magnitude_l1", p=1)
+    raw = mag.scores(ctx)
+    for init in (RandomInit(), RandomInit(jitter=0.2), MetricInit(mag), MetricInit(mag, transform="score_const")):
+        s = init.init(ctx, table, 0.3)
+        assert float(table.cost @ s) <= float(budget.sum()) * (1 + 1e-9) and (s >= 0).all() and (s <= 1).all()
+    s = MetricInit(mag).init(ctx, table, 0.3)
+    a, c = table.slices[1]
+    assert torch.equal(torch.argsort(s[c], stable=True), torch.argsort(raw["channels"][1], stable=True))
+    s = MetricInit(mag, transform="score_const", c=0.8).init(ctx, table, 0.3)
+    plan = select(ctx.structure, raw, 0.3, 0, 0, "uniform")
+    kept, dropped = s[c][plan.channels[1]], s[c][[j for j in range(len(raw["channels"][1])) if j not in plan.channels[1]]]
+    assert kept.min() > dropped.max()
+    assert ProgressiveInit().stages(0.3, 30) == [(0.05, 10), (0.1, 10), (0.15, 10), (0.2, 10), (0.25, 10), (0.3, 10)]
+
+
+def test_pg_end_to_end_hits_ratio_and_logs(tmp_path, data_root):
+    ctx = make_ctx(data_root)
+    plan = pg(tmp_path, init=MetricInit(Magnitude("magnitude_l1")), plot=True, log_every=1).plan(ctx)
+    assert abs(plan.achieved_ratio(ctx.structure) - 0.3) * ctx.structure.total_params <= ctx.structure.layers[0].channel_cost / 2
+    ex = ctx.extras["pg"]
+    assert len(ex["curves"]) == ex["steps"] == 6 and {"loss", "delta", "s_mean", "s_entropy"} <= set(ex["curves"][0])
+    assert len(ex["expected_layer_sparsity"][0]["expected"]) == ctx.structure.num_layers
+    assert all(os.path.isfile(p) for p in ex["plot"])
+
+
+def test_gumbel_moves_s_and_hits_ratio(tmp_path, data_root):
+    from prune.methods.pg_gumbel import PolicyGradientGumbel
+
+    ctx = make_ctx(data_root)
+    m = PolicyGradientGumbel(init=RandomInit(), n_segments=16, seq_len=32, batch_size=4, out_dir=str(tmp_path), lr=5.0,
+                             plot=False)
+    plan = m.plan(ctx)
+    assert m.s.std() > 1e-4  # the pathwise gradient moved s away from the constant init
+    assert abs(plan.achieved_ratio(ctx.structure) - 0.3) * ctx.structure.total_params <= ctx.structure.layers[0].channel_cost / 2
+
+
+# ---------------------------------------------------------------- depth baselines
+def test_layerwise_ppl_scores_match_sliced_models_and_sleb_agrees_first(data_root):
+    import copy
+
+    from evaluate.ppl import window_nll
+    from prune.methods.depth import SLEB, LayerwisePPL
+    from prune.plan import KeepPlan
+    from prune.slicing import apply_plan
+
+    ctx = make_ctx(data_root, ratio=0.2)
+    lw = LayerwisePPL(dataset="c4", n_samples=4, seq_len=32, keep_first=1, keep_last=0)
+    scores = lw.layer_scores(ctx)
+    batch = lw.batch(ctx)
+    for i, v in scores.items():  # independent check: physically remove the layer and measure
+        m = copy.deepcopy(ctx.model)
+        plan = KeepPlan.full(ctx.structure)
+        plan.removed_layers = [i]
+        apply_plan(m, ctx.structure.__class__(ctx.structure.arch, ctx.structure.spec,
+                                              __import__("prune.structure").structure.discover(m).layers,
+                                              ctx.structure.total_params), plan)
+        assert v == pytest.approx(window_nll(m, batch, 8).mean().item(), abs=1e-4)
+    plan = lw.plan(ctx)
+    assert plan.removed_layers == [min(scores, key=scores.get)]  # 0.2 of the model is one layer of four
+    sleb = SLEB(dataset="c4", n_samples=4, seq_len=32, keep_first=1, keep_last=0)
+    assert sleb.plan(make_ctx(data_root, ratio=0.2)).removed_layers == plan.removed_layers
+
+
+# ---------------------------------------------------------------- config wiring
+def test_hydra_configs_build_pg_with_init():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(os.path.join(ROOT, "conf"), version_base="1.3"):
+        for init in ("random", "random_progressive", "wanda_sp", "magnitude_l2", "layerwise_ppl"):
+            cfg = compose("config", overrides=["method=pg", f"init={init}", "resume=true"])
+            m = instantiate(cfg.method, _convert_="all")
+            assert isinstance(m, PolicyGradient) and m.init.name == init and m.resume
+        cfg = compose("config", overrides=["method=pg_gumbel", "init=random", "method.granularity=depth"])
+        m = instantiate(cfg.method, _convert_="all")
+        assert m.granularity == "depth" and m.name == "pg_gumbel"
