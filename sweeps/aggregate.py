@@ -294,7 +294,8 @@ def build(exp: DictConfig, points: list[Point], results: dict[int, dict]) -> Tab
         if _is_dense(k):
             kept = iter(k[1:])
             label = [_fmt_key(r, next(kept)) if r.get("dense") else "" for r in tbl.rows]
-            mi = names.index("method.name") if "method.name" in names else len(names) - 1
+            free = [i for i in range(len(names)) if i not in gi] or [0]  # the first row key that is no block key
+            mi = names.index("method.name") if "method.name" in names else free[0]
             label[mi] = str(tbl.get("dense_label", "Dense"))
         else:
             label = [_fmt_key(r, v) for r, v in zip(tbl.rows, k)]
@@ -381,7 +382,9 @@ def aggregate(table: str, scale: str, sweep_dir: str, out_dir: str | None = None
     exp = load_experiment(table)
     points = expected_points(table, exp, scale)
     t = build(exp, points, match(exp.table, points, find_results(sweep_dir)))
-    t.title = f"{t.title} [{scale} scale]" if t.title else f"{table} [{scale} scale]"
+    models = list(dict.fromkeys(o.partition("=")[2] for p in points for o in p.overrides if o.startswith("model=")))
+    models = models or [o.partition("=")[2] for o in sweeps(exp, scale)[0] if o.startswith("model=")]
+    t.title = f"{t.title or table} [{scale} scale{': ' + ', '.join(models) if models else ''}]"
     if t.missing:
         log.warning("%s/%s: %d missing or failed cell source(s), shown as %s:\n  %s", table, scale,
                     len(t.missing), DASH, "\n  ".join(t.missing))
