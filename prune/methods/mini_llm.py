@@ -1,0 +1,20 @@
+"""MINI-LLM: feature map sensitivity FMS = |W|·‖X‖₂·|Ĝ| with Ĝ from forward passes only (SPSA).
+
+Paper defaults: 10 BookCorpus samples for the gradient estimate (one perturbation each, n = 1),
+128 for the activation norms, the max over a group's coupled matrices, and the first 4 and last 3
+layers kept. criterion/gradient switch to the ablations (|W·G|, |W|·‖X‖; backprop G).
+Peak memory stays at inference level: weights are perturbed in place and z regenerated from seeds
+(prune/methods/zo_gradient.py); the dense_forward stage records a plain forward's peak in the same run.
+"""
+from __future__ import annotations
+
+from prune.methods.gradient_scoring import GradientScoring
+
+
+class MiniLLM(GradientScoring):
+    def __init__(self, name: str = "mini_llm", criterion: str = "wxg", gradient: str = "zo",
+                 aggregation: str = "max", eps: float = 1e-2, n_perturbations: int = 1, grad_samples: int = 10,
+                 grad_batch_size: int = 1, act_samples: int = 128, **kw):
+        super().__init__(name, criterion=criterion, gradient=gradient, aggregation=aggregation, eps=eps,
+                         n_perturbations=n_perturbations, grad_samples=grad_samples,
+                         grad_batch_size=grad_batch_size, act_samples=act_samples, **kw)

@@ -1,0 +1,122 @@
+"""Peak memory and wall time of the scoring of mini_llm, llm_pruner and wanda_sp vs a plain forward.
+
+    python sweeps/bench_memory.py [--model smollm2_135m] [--batch-size 8] [--device cpu] [--out bench.json]
+
+Every method runs in its own subprocess (one at a time), on the same model, dtype and batch: the
+calibration batch size and the gradient batch size are both --batch-size, and the plain forward is
+one forward plus fp32 loss on a batch of that size. Peak memory is the largest per-stage peak of the
+method's stages (prune/memory.py: CUDA max_memory_allocated, or the process's peak RSS on CPU);
+seconds is the sum of those stages (data loading and tokenizing excluded). On CPU the subprocesses run
+with MALLOC_MMAP_THRESHOLD_ fixed, so freed tensors go back to the OS and a stage's peak RSS is not
+inflated by memory an earlier stage freed. Ratios are to the plain forward; peak_bytes includes the
+weights and the Python/torch runtime, so `extra_ratio` also gives (peak − RSS after load) / (same for
+the forward).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GRADIENT_METHODS = {"mini_llm", "llm_pruner"}
+
+
+def _rss() -> int:
+    """Current resident set (VmRSS) in bytes: the weights and runtime before any stage runs."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def worker(name: str, model: str, batch_size: int, seq_len: int, dtype: str, device: str, extra: list[str]) -> dict:
+    """Runs in the subprocess: load, then either one plain forward or the method's plan()."""
+    sys.path.insert(0, ROOT)
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from prune.data import calibration_batch
+    from prune.memory import StageMeter
+    from prune.methods.base import PruneContext
+    from prune.methods.zo_gradient import lm_loss
+    from prune.models import load_model, resolve_device, resolve_dtype
+    from prune.pipeline import build_method
+    from prune.structure import discover
+
+    overrides = [f"model={model}", f"method={'dense' if name == 'forward' else name}", f"dtype={dtype}",
+                 f"device={device}", f"calibration.batch_size={batch_size}", f"calibration.seq_len={seq_len}"]
+    if name in GRADIENT_METHODS:
+        overrides += [f"method.grad_batch_size={batch_size}", "method.dense_forward=false",
+                      "method.act_samples=${calibration.n_samples}"]  # the same activation count as wanda_sp
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides + extra)
+    dev = resolve_device(cfg.device)
+    meter = StageMeter(dev)
+    with meter.stage("load"):
+        m, tok = load_model(cfg.model, resolve_dtype(cfg.dtype), dev, cfg.seed)
+    baseline = torch.cuda.memory_allocated() if dev.type == "cuda" else _rss()
+    if name == "forward":
+        batch = calibration_batch(tok, cfg.calibration.dataset, batch_size, seq_len, cfg.seed, cfg.data.root)
+        with meter.stage("forward"), torch.no_grad():
+            lm_loss(m, batch)
+    else:
+        from omegaconf import OmegaConf
+        ctx = PruneContext(m, tok, discover(m), float(cfg.ratio), cfg.layer_range.first, cfg.layer_range.last,
+                           cfg.allocation, OmegaConf.to_container(cfg.calibration, resolve=True), cfg.data.root,
+                           cfg.seed, meter)
+        build_method(cfg).plan(ctx)
+    d = meter.as_dict()
+    stages = {k: v for k, v in d["peak_memory_bytes"].items() if k != "load"}
+    return {"peak_bytes": max(stages.values()), "seconds": sum(d["time_s"][k] for k in stages),
+            "baseline_bytes": baseline, "stages": d}
+
+
+def run_one(name: str, args, extra: list[str]) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--model", args.model,
+           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--dtype", args.dtype,
+           "--device", args.device, *sum((["--set", e] for e in extra), [])]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", TQDM_DISABLE="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if p.returncode != 0:
+        raise RuntimeError(f"{name} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description="Peak memory and time of gradient scorers vs a plain forward")
+    ap.add_argument("--model", default="smollm2_135m", help="any conf/model name")
+    ap.add_argument("--methods", nargs="+", default=["mini_llm", "llm_pruner", "wanda_sp"])
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--set", action="append", default=[], help="extra Hydra override for every run, e.g. layer_range=all")
+    ap.add_argument("--out", help="write {method: {peak_bytes, seconds, peak_ratio, time_ratio, ...}} as JSON")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        r = worker(args.worker, args.model, args.batch_size, args.seq_len, args.dtype, args.device, args.set)
+        print(json.dumps(r))
+        return r
+    raw = {name: run_one(name, args, args.set) for name in ["forward", *args.methods]}
+    fwd = raw["forward"]
+    out = {}
+    print(f"model={args.model} dtype={args.dtype} device={args.device} batch={args.batch_size}x{args.seq_len}")
+    print(f"{'method':>12} {'peak MiB':>9} {'x fwd':>6} {'extra x':>8} {'seconds':>8} {'x fwd':>7}")
+    for name, r in raw.items():
+        extra = (r["peak_bytes"] - r["baseline_bytes"]) / max(fwd["peak_bytes"] - fwd["baseline_bytes"], 1)
+        out[name] = {"peak_bytes": r["peak_bytes"], "seconds": r["seconds"],
+                     "peak_ratio": r["peak_bytes"] / fwd["peak_bytes"], "time_ratio": r["seconds"] / fwd["seconds"],
+                     "baseline_bytes": r["baseline_bytes"], "extra_ratio": extra, "stages": r["stages"]}
+        o = out[name]
+        print(f"{name:>12} {o['peak_bytes'] / 2**20:9.1f} {o['peak_ratio']:6.2f} {extra:8.2f} "
+              f"{o['seconds']:8.1f} {o['time_ratio']:7.1f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Does the SPSA scale ε move the fp32 loss at the model's dtype? (safe (ε, dtype) pairs, issue 3)
+
+    python sweeps/zo_precision.py [--model smollm2_135m] [--eps 1e-4 1e-3 1e-2] [--dtypes bfloat16 float32]
+
+For each dtype and ε, over a few perturbations of the mini_llm layer range: mean |L(W+εz) − L(W−εz)|
+(the signal), the loss change after perturb/restore cycles (the in-place rounding drift, the noise
+floor it leaves behind) and the fraction of weights not restored bit-exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from omegaconf import OmegaConf  # noqa: E402
+
+from prune.data import calibration_batch  # noqa: E402
+from prune.methods.gradient_scoring import scored_weights  # noqa: E402
+from prune.methods.zo_gradient import SPSA, lm_loss  # noqa: E402
+from prune.models import load_model, resolve_dtype  # noqa: E402
+from prune.structure import discover  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def measure(model_name: str, dtype: str, eps_list: list[float], n: int, first: int, last: int) -> list[dict]:
+    cfg = OmegaConf.load(os.path.join(ROOT, "conf", "model", f"{model_name}.yaml"))
+    model, tok = load_model(cfg, resolve_dtype(dtype), torch.device("cpu"))
+    s = discover(model)
+    named = scored_weights(s, list(range(first, s.num_layers - last)))
+    weights = [lin.weight for _, lin in named]
+    batch = calibration_batch(tok, "c4", 1, 128, 0, os.path.join(ROOT, "..", "shared", "data"))  # (1, T)
+    rows = []
+    with torch.no_grad():
+        for eps in eps_list:
+            before = [w.clone() for w in weights]
+            l0 = float(lm_loss(model, batch))
+            spsa = SPSA(weights, eps, seed=1)
+            for _ in range(n):
+                spsa.project(lambda: lm_loss(model, batch))
+            l1 = float(lm_loss(model, batch))
+            changed = sum(int((w != b).sum()) for w, b in zip(weights, before)) / sum(w.numel() for w in weights)
+            for w, b in zip(weights, before):  # put the exact originals back for the next ε
+                w.copy_(b)
+            rows.append({"dtype": dtype, "eps": eps, "mean_abs_dL": sum(spsa.loss_deltas) / n,
+                         "min_abs_dL": min(spsa.loss_deltas), "loss": l0, "drift_dL": abs(l1 - l0),
+                         "frac_not_restored": changed})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2_135m")
+    ap.add_argument("--eps", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    ap.add_argument("--n", type=int, default=3, help="perturbations per (dtype, eps)")
+    ap.add_argument("--first", type=int, default=4)
+    ap.add_argument("--last", type=int, default=3)
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    rows = [r for d in a.dtypes for r in measure(a.model, d, a.eps, a.n, a.first, a.last)]
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
