@@ -45,9 +45,10 @@ def _save(fig, out_dir: str, stem: str) -> list[str]:
     return paths
 
 
-def _label(res: dict) -> str:
-    cfg = res.get("config", {})
-    return f"{res.get('method')} r={cfg.get('ratio')} {res.get('model')}"
+def _label(path: str, res: dict) -> str:
+    """The run's job dir name (its grid overrides), else method and ratio."""
+    job = os.path.basename(os.path.dirname(path))
+    return job if "=" in job else f"{res.get('method')} r={lookup(res, 'config.ratio')}"
 
 
 def pruned_sets(kept: dict, sparsity: list[dict], units: str) -> list[set | None]:
@@ -99,22 +100,24 @@ def plot_similarity(exp, found, out_dir, table) -> list[str]:
     if not drawn:
         log.warning("similarity: nothing to plot (reference %s missing?)", fig_cfg.reference)
     ax.set(xlabel="layer", ylabel=f"similarity of pruned {units}", ylim=(0, 1.05), title=exp.table.title)
-    ax.legend(fontsize=7)
+    if drawn:
+        ax.legend(fontsize=7)
     return _save(fig, out_dir, f"{table}_similarity")
 
 
 def plot_per_layer_sparsity(exp, found, out_dir, table) -> list[str]:
     fields = list(exp.figure.get("fields", ["heads", "channels", "params"]))
-    runs = [(res, res["per_layer_sparsity"]) for _, res in found
+    runs = [(_label(path, res), res["per_layer_sparsity"]) for path, res in found
             if res.get("per_layer_sparsity") and res.get("method") != "dense"]
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(fields), figsize=(4 * len(fields), 3.2), squeeze=False)
     for ax, field in zip(axes[0], fields):
-        for res, sp in runs:
-            ax.plot(range(len(sp)), [layer[field] for layer in sp], marker="o", ms=3, label=_label(res))
+        for label, sp in runs:
+            ax.plot(range(len(sp)), [layer[field] for layer in sp], marker="o", ms=3, label=label)
         ax.set(xlabel="layer", ylabel=f"{field} removed", ylim=(-0.02, 1.02), title=field)
-    axes[0][0].legend(fontsize=7)
-    if not runs:
+    if runs:
+        axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1))
+    else:
         log.warning("per-layer sparsity: no run with per_layer_sparsity")
     return _save(fig, out_dir, f"{table}_per_layer_sparsity")
 
