@@ -36,7 +36,11 @@ def command(table: str, scale: str, common: list[str], sw: Sweep, out: str, laun
             wandb: str | None, extra: list[str], python: str = sys.executable) -> list[str]:
     """The multirun command line of one sweep."""
     grid = [f"{k}={','.join(_value(v) for v in vals)}" for k, vals in sw.grid.items()]
-    fixed = [*common, *sw.overrides]
+    # Hydra composes a multirun once with the default group choices before the jobs; a fixed override inside a
+    # swept group (method.grad_samples with method=llm_pruner,mini_llm) must not fail there, hence `++`.
+    # Each job still gets the key set on its own group choice (the tests compose every such choice without `++`).
+    fixed = [f"++{o}" if o.split("=", 1)[0].split(".")[0] in sw.grid and "." in o.split("=", 1)[0] else o
+             for o in [*common, *sw.overrides]]
     if launcher:
         fixed.append(f"hydra/launcher={launcher}")
     if wandb:

@@ -141,6 +141,7 @@ def test_command_excludes_fixed_keys_from_job_dir_names():
     excl = [c for c in cmd if c.startswith("hydra.job.config.override_dirname.exclude_keys=")][0]
     assert excl.endswith("[experiment,method.x,model]")
     assert "method=a,b" in cmd and "ratio=0.2" in cmd and "hydra.sweep.dir=/o/t/smoke/g" in cmd
+    assert "++method.x=1" in cmd and "model=m" in cmd  # inside a swept group: must survive the sweep-level compose
 
 
 # ------------------------------------------------------------------------------------------- aggregator
