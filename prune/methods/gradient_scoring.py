@@ -126,7 +126,7 @@ class BackpropGradients:
                 for i in range(0, len(batch), batch_size):
                     loss = lm_loss(model, batch[i:i + batch_size])
                     loss.backward()
-                    losses.append(float(loss))
+                    losses.append(float(loss.detach()))
                     self.n_batches += 1
         finally:
             for h in handles:

@@ -3,6 +3,8 @@
 Paper defaults: 10 BookCorpus samples for the gradient estimate (one perturbation each, n = 1),
 128 for the activation norms, the max over a group's coupled matrices, and the first 4 and last 3
 layers kept. criterion/gradient switch to the ablations (|W·G|, |W|·‖X‖; backprop G).
+ε defaults to 1e-2, not MeZO's 1e-3: with bf16 weights (this project's default dtype) 1e-3 moves
+the loss about as much as bf16 rounding does (table in zo_gradient.py); with fp32 weights 1e-3 is safe.
 Peak memory stays at inference level: weights are perturbed in place and z regenerated from seeds
 (prune/methods/zo_gradient.py); the dense_forward stage records a plain forward's peak in the same run.
 """
