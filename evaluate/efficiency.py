@@ -21,7 +21,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from prune.memory import _read_hwm, _reset_hwm
+from prune.memory import _read_hwm, _reset_hwm, proc_status_bytes
 
 
 def _sdpa_cpu(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
@@ -56,11 +56,7 @@ def macs(model, seq_len: int, batch: int = 1) -> int:
 
 
 def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmRSS not found in /proc/self/status")
+    return proc_status_bytes("VmRSS")
 
 
 @torch.no_grad()

@@ -12,12 +12,17 @@ from contextlib import contextmanager
 import torch
 
 
-def _read_hwm() -> int:
+def proc_status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status in bytes: VmHWM (peak resident set), VmRSS (current)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status")
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _read_hwm() -> int:
+    return proc_status_bytes("VmHWM")
 
 
 def _reset_hwm() -> bool:
