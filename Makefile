@@ -2,7 +2,7 @@
 PY ?= python
 DATA_ROOT ?= ../shared/data
 
-.PHONY: install run test test-all
+.PHONY: install run test test-fast
 
 install:
 	$(PY) -m pip install -q torch==2.13.0          # CPU build; GPU users install their own torch first
@@ -12,8 +12,8 @@ install:
 run: install
 	$(PY) run.py data.root=$(DATA_ROOT)
 
-test: install
-	$(PY) -m pytest -q -m "not slow"
-
-test-all: install
+test: install   # everything, the slow real-model tests included (they fit in CI)
 	$(PY) -m pytest -q
+
+test-fast: install   # tiny models only
+	$(PY) -m pytest -q -m "not slow"

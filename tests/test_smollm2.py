@@ -1,0 +1,35 @@
+"""The real model (SmolLM2-135M, GQA 9q/3kv): slow, run with `make test-all` or `pytest -m slow`."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import model_cfg
+from prune.allocation import select
+from prune.masks import Masker
+from prune.models import load_model
+from prune.slicing import apply_plan
+from prune.structure import discover, num_params
+
+pytestmark = pytest.mark.slow
+
+
+def test_smollm2_structure_and_masked_equals_sliced():
+    model, tok = load_model(model_cfg("smollm2_135m"), torch.float32, torch.device("cpu"))
+    s = discover(model)
+    assert (s.num_layers, s.layers[0].n_heads, s.layers[0].n_kv, s.layers[0].head_dim, s.layers[0].n_channels) == \
+        (30, 9, 3, 64, 1536)
+    assert s.total_params == 134_515_008
+    g = torch.Generator().manual_seed(0)
+    scores = {"heads": [torch.rand(9, generator=g) for _ in s.layers],
+              "channels": [torch.rand(1536, generator=g) for _ in s.layers]}
+    plan = select(s, scores, 0.3, 4, 3, "global")  # global: unequal kept query heads per KV group
+    assert abs(plan.achieved_ratio(s) - 0.3) * s.total_params <= s.layers[0].channel_cost / 2
+    x = tok(["The quick brown fox jumps over the lazy dog."], return_tensors="pt").input_ids
+    with torch.no_grad():
+        with Masker(s, plan):
+            masked = model(input_ids=x).logits
+        apply_plan(model, s, plan)
+        sliced = model(input_ids=x).logits
+    assert (masked - sliced).abs().max().item() < 1e-4
+    assert num_params(model) == plan.params_after(s)
