@@ -119,27 +119,44 @@ def _global(s, scores, target, layers, heads, channels) -> KeepPlan:
     units.sort(key=lambda u: u[0])
     smallest = min(s.layers[i].channel_cost for i in layers) if channels else min(
         s.layers[i].q_head_cost for i in layers)
-    kept_heads = {i: set(range(s.layers[i].n_heads)) for i in layers}
-    rm_heads, rm_ch = {i: [] for i in layers}, {i: [] for i in layers}
+    return remove_in_order(s, [(i, kind, j) for _, i, kind, j in units], target, smallest=smallest)
+
+
+def remove_in_order(s: ModelStructure, order: list[tuple[int, str, int]], target: float,
+                    plan: KeepPlan | None = None, smallest: float | None = None) -> KeepPlan:
+    """Remove units (layer, "h" | "c", index) in the given order until `target` parameters are gone.
+
+    Real costs: a query head frees its q rows and o columns, plus its KV head's rows when it is the last
+    query head of the group; a unit that would overshoot by more than half the smallest unit is skipped.
+    Starts from `plan` (default: the full model) and counts only what this call removes. `smallest` (the
+    tolerance unit) defaults to the smallest head or channel cost of the layers in `order`.
+    """
+    plan = KeepPlan.full(s) if plan is None else KeepPlan.from_dict(plan.to_dict())
+    heads = [set(h) for h in plan.heads]
+    chans = [set(c) for c in plan.channels]
+    layers = {i for i, _, _ in order}
+    if smallest is None:
+        smallest = min(min(s.layers[i].channel_cost for i in layers), min(s.layers[i].q_head_cost for i in layers))
     removed = 0.0
-    for _, i, kind, j in units:
+    for i, kind, j in order:
         if target - removed <= smallest / 2:
             break
         info = s.layers[i]
         if kind == "c":
+            if j not in chans[i]:
+                continue
             cost = info.channel_cost
         else:
-            group = {h for h in kept_heads[i] if info.kv_of(h) == info.kv_of(j)}
+            if j not in heads[i]:
+                continue
+            group = {h for h in heads[i] if info.kv_of(h) == info.kv_of(j)}
             cost = info.q_head_cost + (info.kv_head_cost if group == {j} else 0)
         if removed + cost - target > smallest / 2:
-            continue  # would overshoot: a smaller unit further down the ranking fits better
+            continue
         removed += cost
-        if kind == "c":
-            rm_ch[i].append(j)
-        else:
-            kept_heads[i].discard(j)
-            rm_heads[i].append(j)
-    return _plan_from_removed(s, rm_heads, rm_ch)
+        (chans if kind == "c" else heads)[i].discard(j)
+    return KeepPlan([sorted(h) for h in heads], [sorted(c) for c in chans], list(plan.removed_layers))
+
 
 
 def within_range_ratio(s: ModelStructure, plan: KeepPlan, first: int, last: int) -> float:

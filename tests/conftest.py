@@ -7,7 +7,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from prune.masks import Masker
 from prune.models import load_model
+from prune.slicing import apply_plan
 from prune.structure import discover
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +25,15 @@ def tiny_model(name: str, dtype=torch.float32, seed: int = 0):
     """(model, tokenizer, structure) of a tiny random model."""
     model, tok = load_model(model_cfg(name), dtype, torch.device("cpu"), seed)
     return model, tok, discover(model)
+
+
+@torch.no_grad()
+def masked_then_sliced_logits(model, s, plan, input_ids: torch.Tensor):
+    """Logits under the plan's masks, then after slicing `model` in place to the plan: (masked, sliced)."""
+    with Masker(s, plan):
+        masked = model(input_ids=input_ids).logits
+    apply_plan(model, s, plan)
+    return masked, model(input_ids=input_ids).logits
 
 
 @pytest.fixture(params=TINY)

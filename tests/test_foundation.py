@@ -7,10 +7,9 @@ import os
 import pytest
 import torch
 
-from conftest import TINY, tiny_model
+from conftest import TINY, masked_then_sliced_logits, tiny_model
 from prune.allocation import InfeasibleRatio, select
 from prune.checkpoint import CheckpointError, load_pruned, save_pruned
-from prune.masks import Masker
 from prune.plan import KeepPlan
 from prune.slicing import EmptyAttention, HeadGather, apply_plan
 from prune.structure import num_params
@@ -40,11 +39,7 @@ def test_masked_forward_equals_sliced_forward(tiny, seed):
     model, _, s = tiny
     plan = random_plan(s, seed)
     x = torch.randint(0, 259, (2, 24), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        with Masker(s, plan):
-            masked = model(input_ids=x).logits
-        apply_plan(model, s, plan)
-        sliced = model(input_ids=x).logits
+    masked, sliced = masked_then_sliced_logits(model, s, plan, x)
     assert (masked - sliced).abs().max().item() < 1e-4
     assert num_params(model) == plan.params_after(s)
 
@@ -55,11 +50,7 @@ def test_gqa_unequal_groups_use_head_gather():
     plan.heads[0] = [0, 1, 3]  # KV group 0 keeps 2 query heads, group 1 keeps 1
     plan.heads[1] = [2, 3]  # KV group 0 fully pruned: its k/v rows go too
     x = torch.randint(0, 259, (2, 16))
-    with torch.no_grad():
-        with Masker(s, plan):
-            masked = model(input_ids=x).logits
-        apply_plan(model, s, plan)
-        sliced = model(input_ids=x).logits
+    masked, sliced = masked_then_sliced_logits(model, s, plan, x)
     assert isinstance(model.model.layers[0].self_attn.k_proj, HeadGather)
     assert model.model.layers[1].self_attn.k_proj.out_features == s.layers[1].head_dim  # one KV head left
     assert model.model.layers[1].self_attn.num_key_value_groups == 2

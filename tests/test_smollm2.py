@@ -4,11 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import model_cfg
+from conftest import masked_then_sliced_logits, model_cfg
 from prune.allocation import select
-from prune.masks import Masker
 from prune.models import load_model
-from prune.slicing import apply_plan
 from prune.structure import discover, num_params
 
 pytestmark = pytest.mark.slow
@@ -26,10 +24,6 @@ def test_smollm2_structure_and_masked_equals_sliced():
     plan = select(s, scores, 0.3, 4, 3, "global")  # global: unequal kept query heads per KV group
     assert abs(plan.achieved_ratio(s) - 0.3) * s.total_params <= s.layers[0].channel_cost / 2
     x = tok(["The quick brown fox jumps over the lazy dog."], return_tensors="pt").input_ids
-    with torch.no_grad():
-        with Masker(s, plan):
-            masked = model(input_ids=x).logits
-        apply_plan(model, s, plan)
-        sliced = model(input_ids=x).logits
+    masked, sliced = masked_then_sliced_logits(model, s, plan, x)
     assert (masked - sliced).abs().max().item() < 1e-4
     assert num_params(model) == plan.params_after(s)

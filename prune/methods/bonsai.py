@@ -22,10 +22,10 @@ import math
 import torch
 
 from evaluate.ppl import window_nll
+from prune.allocation import remove_in_order
 from prune.calibration import InputStats, run_batches
 from prune.masks import Masker
 from prune.methods.base import PruneContext, PruningMethod
-from prune.methods.flap import remove_in_order
 from prune.plan import KeepPlan
 from prune.scoring import structure_scores
 from prune.structure import ModelStructure

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from prune.allocation import remove_in_order
 from prune.calibration import run_batches
 from prune.methods.base import PruneContext, PruningMethod
 from prune.plan import KeepPlan
@@ -74,40 +75,6 @@ class RunningStats:
 def standardize(x: torch.Tensor) -> torch.Tensor:
     """z-score over the last dimension (the anchor's `standarlization`, torch.std: unbiased)."""
     return (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp_min(1e-12)
-
-
-def remove_in_order(s: ModelStructure, order: list[tuple[int, str, int]], target: float,
-                    plan: KeepPlan | None = None) -> KeepPlan:
-    """Remove units (layer, "h" | "c", index) in the given order until `target` parameters are gone.
-
-    Real costs: a query head frees its q rows and o columns, plus its KV head's rows when it is the last
-    query head of the group; a unit that would overshoot by more than half the smallest unit is skipped.
-    Starts from `plan` (default: the full model) and counts only what this call removes.
-    """
-    plan = KeepPlan.full(s) if plan is None else KeepPlan.from_dict(plan.to_dict())
-    heads = [set(h) for h in plan.heads]
-    chans = [set(c) for c in plan.channels]
-    layers = {i for i, _, _ in order}
-    smallest = min(min(s.layers[i].channel_cost for i in layers), min(s.layers[i].q_head_cost for i in layers))
-    removed = 0.0
-    for i, kind, j in order:
-        if target - removed <= smallest / 2:
-            break
-        info = s.layers[i]
-        if kind == "c":
-            if j not in chans[i]:
-                continue
-            cost = info.channel_cost
-        else:
-            if j not in heads[i]:
-                continue
-            group = {h for h in heads[i] if info.kv_of(h) == info.kv_of(j)}
-            cost = info.q_head_cost + (info.kv_head_cost if group == {j} else 0)
-        if removed + cost - target > smallest / 2:
-            continue
-        removed += cost
-        (chans if kind == "c" else heads)[i].discard(j)
-    return KeepPlan([sorted(h) for h in heads], [sorted(c) for c in chans], list(plan.removed_layers))
 
 
 class FLAP(PruningMethod):
