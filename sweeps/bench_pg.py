@@ -1,10 +1,12 @@
 """Cost of a policy-gradient step relative to plain forwards (issue 4, "Speed").
 
-Prints, for each ratio, PG step time / (N_s x plain forward time), where the plain forward is the unmasked model on
-one batch (B x T tokens, logits out, no hooks). A step = sample N_s masks + N_s masked forwards + fp32 losses + the
-score-function gradient + the projection. dense: the masked path (N_s samples in one batched forward of N_s x B rows);
-sparse: pg.sparse_forward (each sampled sub-network with its kept rows/columns gathered). s sits at the target keep
-rate, so the sampled sub-networks are at ratio r on average. Token ids are random (speed does not depend on them).
+Prints, for each ratio, PG step time / (N_s x plain forward time). A PG step evaluates the loss of N_s sampled
+sub-networks, so the plain forward is one loss evaluation of the unmasked model as transformers computes it:
+`model(input_ids=x, labels=x).loss` (B x T tokens, no hooks). The ratio against a logits-only forward is printed too
+(in "detail"). A step = sample N_s masks + N_s masked forwards + fp32 losses + the score-function gradient + the
+projection. dense: the masked path with the trainer's defaults (N_s forwards of B rows); sparse: pg.sparse_forward
+(each sampled sub-network with its kept rows/columns gathered). s sits at the target keep rate, so the sampled
+sub-networks are at ratio r on average. Token ids are random (speed does not depend on them).
 
 python sweeps/bench_pg.py --out bench_pg.json     (SmolLM2-135M, bf16, B=8, T=128, N_s=2)
 Writes {"dense": {"0.3": x, "0.5": y}, "sparse": {...}} with --out; timings are medians over --reps steps.
@@ -61,9 +63,11 @@ def main(argv=None) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, model.config.vocab_size, (a.batch, a.seq_len), generator=g)
     with torch.no_grad():
-        fwd = median_time(lambda: model(input_ids=x).logits, a.reps)
+        fwd = median_time(lambda: model(input_ids=x, labels=x).loss, a.reps)
+        logits_only = median_time(lambda: model(input_ids=x).logits, a.reps)
     table = UnitTable(s, list(range(s.num_layers)))
-    out, detail = {"dense": {}, "sparse": {}}, {"plain_forward_s": fwd, "threads": torch.get_num_threads()}
+    out = {"dense": {}, "sparse": {}}
+    detail = {"plain_forward_with_loss_s": fwd, "logits_only_forward_s": logits_only, "threads": torch.get_num_threads()}
     for mode in ("dense", "sparse"):
         for r in a.ratios:
             budget = table.budget(r)
@@ -74,8 +78,10 @@ def main(argv=None) -> dict:
                 step = median_time(lambda: tr.step(sv, x, budget, 0, 100), a.reps)
             out[mode][str(r)] = step / (a.n_samples * fwd)
             detail[f"{mode}_{r}_step_s"] = step
-            print(f"{mode:>6} ratio {r}: step {step:.3f} s, plain forward {fwd:.3f} s, "
-                  f"step / (N_s x forward) = {out[mode][str(r)]:.3f}", flush=True)
+            detail[f"{mode}_{r}_vs_logits_only"] = step / (a.n_samples * logits_only)
+            print(f"{mode:>6} ratio {r}: step {step:.3f} s, plain forward {fwd:.3f} s (logits only {logits_only:.3f} s), "
+                  f"step / (N_s x forward) = {out[mode][str(r)]:.3f} (vs logits only "
+                  f"{detail[f'{mode}_{r}_vs_logits_only']:.3f})", flush=True)
     print(json.dumps({**out, "detail": detail}, indent=1))
     if a.out:
         with open(a.out, "w") as f:

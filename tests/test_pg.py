@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from prune.allocation import select
 from prune.methods.base import PruneContext
@@ -16,7 +17,7 @@ from prune.methods.pg.init import MetricInit, ProgressiveInit, RandomInit
 from prune.methods.pg.optimizer import PolicyGradient
 from prune.methods.pg.policy import Baseline, sample_masks, score_gradient
 from prune.methods.pg.projection import project
-from prune.methods.pg.trainer import PGSettings, Trainer
+from prune.methods.pg.trainer import PGSettings, Trainer, token_losses
 from prune.methods.pg.units import UnitTable
 from prune.methods.simple import Magnitude
 from tests.conftest import ROOT, tiny_model
@@ -168,7 +169,15 @@ def test_budget_variants_local_separate_group_depth():
 
 
 # ---------------------------------------------------------------- sparse forward
-def test_sparse_forward_losses_equal_masked_path():
+def test_token_losses_equal_cross_entropy():
+    logits = torch.randn(5, 7, 11, generator=torch.Generator().manual_seed(0)).bfloat16()
+    ids = torch.randint(0, 11, (5, 7), generator=torch.Generator().manual_seed(1))
+    ref = torch.stack([F.cross_entropy(logits[r, :-1].float(), ids[r, 1:]) for r in range(5)])
+    for chunk in (1, 2, 5):
+        torch.testing.assert_close(token_losses(logits, ids, chunk), ref)
+
+
+def test_sparse_forward_and_batched_losses_equal_masked_path():
     model, tok, s = tiny_model("tiny_llama_gqa")
     ids = torch.randint(0, 259, (3, 24), generator=torch.Generator().manual_seed(0))
     ref = model(input_ids=ids).logits
@@ -181,13 +190,12 @@ def test_sparse_forward_losses_equal_masked_path():
             m[1, c0] = 0  # every channel of layer 0 gone
             m[2, a0] = torch.tensor([1.0, 0, 0, 0])  # KV groups serving unequal numbers of query heads
             m[3, a0] = torch.tensor([1.0, 0, 1, 0])  # equal groups, each with one query head
-        dense = Trainer(model, table, PGSettings(), torch.Generator())
-        sparse = Trainer(model, table, PGSettings(sparse_forward=True), torch.Generator())
-        with dense:
-            a = dense.losses(ids, m)
-        with sparse:
-            b = sparse.losses(ids, m)
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        losses = {}
+        for name, kw in {"masked": {}, "batched": {"batched": True}, "sparse": {"sparse_forward": True}}.items():
+            with Trainer(model, table, PGSettings(**kw), torch.Generator()) as tr:
+                losses[name] = tr.losses(ids, m)
+        torch.testing.assert_close(losses["batched"], losses["masked"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(losses["sparse"], losses["masked"], atol=1e-5, rtol=0)
     torch.testing.assert_close(model(input_ids=ids).logits, ref)  # weights and forwards restored
 
 
