@@ -1,6 +1,6 @@
 """Assemble a finished sweep's results.json files into a paper-layout table (Markdown, CSV, LaTeX).
 
-    python sweeps/aggregate.py <table> --scale smoke|paper [--dir sweeps_out/<table>/<scale>]
+    python sweeps/aggregate.py <table> --scale smoke|cpu|paper [--dir sweeps_out/<table>/<scale>]
 
 The experiment config conf/experiment/<table>.yaml says what the table holds:
 
@@ -410,7 +410,7 @@ def log_to_wandb(t: Table, table: str, scale: str, mode: str, project: str | Non
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("table")
-    ap.add_argument("--scale", default="smoke", choices=["smoke", "paper"])
+    ap.add_argument("--scale", default="smoke", choices=["smoke", "cpu", "paper"])
     ap.add_argument("--dir", help="sweep dir (default sweeps_out/<table>/<scale>)")
     ap.add_argument("--wandb", choices=["online", "offline"], help="also log the table to wandb")
     a = ap.parse_args(argv)

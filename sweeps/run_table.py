@@ -1,6 +1,6 @@
 """Run one paper table or figure as Hydra multiruns, then aggregate it.
 
-    python sweeps/run_table.py <table> --scale smoke|paper [--launcher slurm] [--dry-run] [--wandb offline]
+    python sweeps/run_table.py <table> --scale smoke|cpu|paper [--launcher slurm] [--dry-run] [--wandb offline]
                                [--out sweeps_out] [-- extra overrides, e.g. hydra.launcher.partition=gpu]
 
 For each sweep of conf/experiment/<table>.yaml at the chosen scale (the dense reference first, when the table
@@ -55,7 +55,7 @@ def command(table: str, scale: str, common: list[str], sw: Sweep, out: str, laun
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("table")
-    ap.add_argument("--scale", default="smoke", choices=["smoke", "paper"])
+    ap.add_argument("--scale", default="smoke", choices=["smoke", "cpu", "paper"])
     ap.add_argument("--launcher", choices=["local", "slurm"], help="hydra/launcher (default: the config's, local)")
     ap.add_argument("--wandb", choices=["online", "offline"], help="log every run to wandb, grouped per sweep")
     ap.add_argument("--out", default="sweeps_out", help="root of the sweep dirs")
