@@ -51,7 +51,8 @@ def run(cfg: DictConfig, out_dir: str) -> dict:
     measure_dense_reference(cfg, model, meter, results)  # efficiency report's dense side, before slicing
     s = discover(model)
     ctx = PruneContext(model, tokenizer, s, ratio, cfg.layer_range.first, cfg.layer_range.last, cfg.allocation,
-                       OmegaConf.to_container(cfg.calibration, resolve=True), cfg.data.root, cfg.seed, meter)
+                       OmegaConf.to_container(cfg.calibration, resolve=True), cfg.data.root, cfg.seed, meter,
+                       logger=logger)
     with meter.stage("prune"):
         plan = method.plan(ctx)
     plan.save(os.path.join(out_dir, "kept_units.json"))

@@ -279,11 +279,16 @@ def test_inits_are_feasible_and_follow_the_metric(data_root):
 
 def test_pg_end_to_end_hits_ratio_and_logs(tmp_path, data_root):
     ctx = make_ctx(data_root)
+    logged = []
+    ctx.logger.log = lambda metrics, step=None: logged.append((step, metrics))
     plan = pg(tmp_path, init=MetricInit(Magnitude("magnitude_l1")), plot=True, log_every=1).plan(ctx)
     assert abs(plan.achieved_ratio(ctx.structure) - 0.3) * ctx.structure.total_params <= ctx.structure.layers[0].channel_cost / 2
     ex = ctx.extras["pg"]
     assert len(ex["curves"]) == ex["steps"] == 6 and {"loss", "delta", "s_mean", "s_entropy"} <= set(ex["curves"][0])
     assert len(ex["expected_layer_sparsity"][0]["expected"]) == ctx.structure.num_layers
+    assert [st for st, _ in logged] == [c["step"] for c in ex["curves"]]  # the same curves reach the logger
+    assert logged[-1][1]["pg/loss"] == ex["curves"][-1]["loss"]
+    assert logged[-1][1]["pg/expected_sparsity/layer_00"] == ex["expected_layer_sparsity"][-1]["expected"][0]
     assert all(os.path.isfile(p) for p in ex["plot"])
 
 

@@ -8,6 +8,7 @@ import torch
 
 from prune.allocation import select
 from prune.data import calibration_batch
+from prune.logger import NullLogger
 from prune.memory import StageMeter
 from prune.plan import KeepPlan
 from prune.structure import ModelStructure
@@ -28,6 +29,7 @@ class PruneContext:
     meter: StageMeter
     extras: dict = field(default_factory=dict)  # per-method results for results.json
     manifest: dict = field(default_factory=dict)  # checkpoint-manifest additions a method needs to rebuild its model
+    logger: Any = field(default_factory=NullLogger)  # live curves of iterative methods (pg): logger.log(metrics, step)
 
     @property
     def prunable(self) -> list[int]:

@@ -127,7 +127,11 @@ class PolicyGradient(PruningMethod):
                     rec = {"step": step, "loss": out["loss"], "delta": out["delta"], "lr": out["lr"],
                            "s_mean": float(s.mean()), "s_entropy": entropy(s), "stage_ratio": r}
                     curves.append(rec)
-                    sparsity_curve.append({"step": step, "expected": table.expected_layer_sparsity(s)})
+                    expected = table.expected_layer_sparsity(s)
+                    sparsity_curve.append({"step": step, "expected": expected})
+                    ctx.logger.log({**{f"{self.name}/{k}": v for k, v in rec.items() if k != "step"},
+                                    **{f"{self.name}/expected_sparsity/layer_{i:02d}": e
+                                       for i, e in zip(table.layers, expected)}}, step=step)
                     log.info("pg step %d/%d loss %.4f delta %.4f mean(s) %.4f H(s) %.4f (%.1f s)", step, total,
                              rec["loss"], rec["delta"], rec["s_mean"], rec["s_entropy"], time.perf_counter() - t0)
                 if self.checkpoint_every and (step + 1) % self.checkpoint_every == 0:
