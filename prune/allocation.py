@@ -124,16 +124,19 @@ def _global(s, scores, target, layers, heads, channels) -> KeepPlan:
 
 def remove_in_order(s: ModelStructure, order: list[tuple[int, str, int]], target: float,
                     plan: KeepPlan | None = None, smallest: float | None = None) -> KeepPlan:
-    """Remove units (layer, "h" | "c", index) in the given order until `target` parameters are gone.
+    """Remove units (layer, kind, index) in the given order until `target` parameters are gone.
 
-    Real costs: a query head frees its q rows and o columns, plus its KV head's rows when it is the last
-    query head of the group; a unit that would overshoot by more than half the smallest unit is skipped.
-    Starts from `plan` (default: the full model) and counts only what this call removes. `smallest` (the
-    tolerance unit) defaults to the smallest head or channel cost of the layers in `order`.
+    Kinds: "h" a query head, "c" an MLP channel, "g" a whole KV group (the KV head and its remaining query heads),
+    "l" a whole layer (depth orders). Real costs: a query head frees its q rows and o columns, plus its KV head's
+    rows when it is the last query head of the group; a unit that would overshoot by more than half the smallest
+    unit is skipped for a smaller one further down the order. Starts from `plan` (default: the full model) and
+    counts only what this call removes. `smallest` (the tolerance unit) defaults to the smallest head or channel
+    cost of the layers in `order`.
     """
     plan = KeepPlan.full(s) if plan is None else KeepPlan.from_dict(plan.to_dict())
     heads = [set(h) for h in plan.heads]
     chans = [set(c) for c in plan.channels]
+    gone = set(plan.removed_layers)
     layers = {i for i, _, _ in order}
     if smallest is None:
         smallest = min(min(s.layers[i].channel_cost for i in layers), min(s.layers[i].q_head_cost for i in layers))
@@ -143,20 +146,23 @@ def remove_in_order(s: ModelStructure, order: list[tuple[int, str, int]], target
             break
         info = s.layers[i]
         if kind == "c":
-            if j not in chans[i]:
-                continue
-            cost = info.channel_cost
-        else:
-            if j not in heads[i]:
-                continue
-            group = {h for h in heads[i] if info.kv_of(h) == info.kv_of(j)}
-            cost = info.q_head_cost + (info.kv_head_cost if group == {j} else 0)
-        if removed + cost - target > smallest / 2:
+            drop, cost = {j} & chans[i], info.channel_cost
+        elif kind == "l":
+            drop, cost = {i} - gone, info.num_params
+        elif kind == "h":
+            mates = {h for h in heads[i] if info.kv_of(h) == info.kv_of(j)}
+            drop, cost = {j} & heads[i], info.q_head_cost + (info.kv_head_cost if mates == {j} else 0)
+        else:  # "g": KV group j with the query heads it still serves
+            drop = {h for h in heads[i] if info.kv_of(h) == j}
+            cost = len(drop) * info.q_head_cost + info.kv_head_cost
+        if not drop or removed + cost - target > smallest / 2:
             continue
         removed += cost
-        (chans if kind == "c" else heads)[i].discard(j)
-    return KeepPlan([sorted(h) for h in heads], [sorted(c) for c in chans], list(plan.removed_layers))
-
+        if kind == "l":
+            gone.add(i)
+        else:
+            (chans if kind == "c" else heads)[i] -= drop
+    return KeepPlan([sorted(h) for h in heads], [sorted(c) for c in chans], sorted(gone))
 
 
 def within_range_ratio(s: ModelStructure, plan: KeepPlan, first: int, last: int) -> float:

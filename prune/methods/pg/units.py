@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from prune.allocation import InfeasibleRatio
+from prune.allocation import InfeasibleRatio, remove_in_order
 from prune.plan import KeepPlan
 from prune.structure import ModelStructure
 
@@ -103,32 +103,26 @@ class UnitTable:
 
     def final_plan(self, scores: torch.Tensor, ratio: float) -> KeepPlan:
         """Deterministic mask: in each budget group remove the lowest-scored units until its share of the removed
-        parameters is met, to within half the group's smallest unit (a unit that would overshoot by more is skipped
-        for a smaller one further up). Costs are exact: the last query head of a KV group also frees its k/v rows."""
-        remove_target = self.group_cost - self.budget(ratio)
-        keep = torch.ones(self.n, dtype=torch.bool)
+        parameters is met, to within half the group's smallest unit (allocation.remove_in_order, with real costs:
+        the last query head of a KV group also frees its k/v rows)."""
+        targets = (self.group_cost - self.budget(ratio)).tolist()
         order = torch.argsort(scores.double(), stable=True).tolist()
-        removed = torch.zeros(self.n_groups, dtype=torch.float64)
-        smallest = torch.full((self.n_groups,), float("inf"), dtype=torch.float64).scatter_reduce(
-            0, self.group, self.cost, "amin")
-        heads_left = {i: [self.s.layers[i].group_size] * self.s.layers[i].n_kv for i in self.layers}
-        for u in order:
-            g = int(self.group[u])
-            if remove_target[g] - removed[g] <= smallest[g] / 2:
-                continue
-            i = int(self.layer_of[u])
-            info = self.s.layers[i]
-            cost = float(self.cost[u])
-            if self.kind[u] == "h":
-                kv = info.kv_of(u - self.slices[i][0].start)
-                cost = info.q_head_cost + (info.kv_head_cost if heads_left[i][kv] == 1 else 0)
-            if removed[g] + cost - remove_target[g] > smallest[g] / 2:
-                continue
-            if self.kind[u] == "h":
-                heads_left[i][kv] -= 1
-            removed[g] += cost
-            keep[u] = False
-        return self.plan_from_mask(keep)
+        groups = self.group.tolist()
+        plan = KeepPlan.full(self.s)
+        for g, target in enumerate(targets):
+            units = [u for u in order if groups[u] == g]
+            smallest = float(self.cost[units].min())
+            plan = remove_in_order(self.s, [self.unit_id(u) for u in units], target, plan, smallest)
+        return plan
+
+    def unit_id(self, u: int) -> tuple[int, str, int]:
+        """Unit index u -> (layer, kind, index within the layer): kind "h" query head, "g" KV group, "c" channel,
+        "l" layer."""
+        i = int(self.layer_of[u])
+        a, c = self.slices[i]
+        if self.granularity == "depth":
+            return i, "l", 0
+        return (i, "c", u - c.start) if u >= c.start else (i, self.kind[u], u - a.start)
 
     def expected_layer_sparsity(self, s: torch.Tensor) -> list[float]:
         """Expected fraction of each prunable layer's prunable parameters removed under keep-probabilities s."""
