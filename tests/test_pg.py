@@ -15,7 +15,7 @@ from prune.methods.base import PruneContext
 from prune.memory import StageMeter
 from prune.methods.pg.init import MetricInit, ProgressiveInit, RandomInit
 from prune.methods.pg.optimizer import PolicyGradient
-from prune.methods.pg.policy import Baseline, sample_masks, score_gradient
+from prune.methods.pg.policy import Baseline, learning_rate, sample_masks, score_gradient
 from prune.methods.pg.projection import project
 from prune.methods.pg.trainer import PGSettings, Trainer, token_losses
 from prune.methods.pg.units import UnitTable
@@ -110,6 +110,19 @@ class ToyTrainer(Trainer):
 
     def losses(self, batch, m):
         return (self.w * (1 - m.double())).sum(1)
+
+
+def test_cosine_schedule_warms_up_then_matches_torch_cosine_annealing():
+    lr, warmup, total = 0.002, 4, 20
+    assert [learning_rate(lr, k, total, "cosine", warmup) for k in range(warmup)] == pytest.approx(
+        [lr * (k + 1) / warmup for k in range(warmup)])
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    ref = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total - warmup, eta_min=0.0)
+    for k in range(warmup, total + 1):
+        assert learning_rate(lr, k, total, "cosine", warmup) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12)
+        opt.step()
+        ref.step()
+    assert learning_rate(lr, 7, total) == lr  # constant (paper)
 
 
 @pytest.mark.parametrize("scale", ["paper", "released"])
