@@ -1,25 +1,34 @@
 """Bonsai: structured pruning with forward passes only (Dery et al., "Everybody Prune Now: Structured
 Pruning of LLMs with only Forward Passes", 2024).
 
-Each round, over the units still alive (query heads and MLP channels of the prunable layers):
-1. draw `n_masks / 2` random sub-networks, each dropping `drop_frac` (5%) of every layer's alive heads and
-   channels, sampled without replacement with a Wanda-style prior (drop probability ∝ 1 / Wanda-sp score,
-   within the layer and unit kind), plus each one's complement (antithetic pairs; published: 100 + 100);
-2. score every sub-network by its perplexity on `eval_samples` (32) WikiText-2 windows, run through the
+Each round, over the units still alive (query heads and MLP channels of the prunable layers), per layer and
+unit kind ("module"):
+1. the candidate pool: the 2k units with the lowest Wanda-sp prior, k = ceil(`drop_frac` · alive units) (the
+   released code: the bottom 2·pfrac by activation magnitude); every other unit is kept in every mask and is
+   not removable this round;
+2. draw `n_masks / 2` random sub-networks, each dropping k pool units per module, sampled without replacement
+   with drop probability ∝ 1 / prior, plus each one's complement *within the pool* (it drops the other k), so
+   both halves of an antithetic pair drop `drop_frac` of each module (published: 100 + 100 masks);
+3. score every sub-network by its perplexity on `eval_samples` (32) WikiText-2 windows, run through the
    shared Masker (prune/masks.py) so no weight changes;
-3. fit PPL ≈ c + Σ_u β_u m_u by L1-regularised least squares (Lasso, FISTA on standardised columns);
+4. fit PPL ≈ c + Σ_u β_u m_u by L1-regularised least squares (Lasso, FISTA on standardised columns);
    a unit's utility is -β_u (keeping it lowers the PPL);
-4. remove the lowest-utility units, `round_frac` (5%) of the model's parameters per round, until `ratio`.
+5. remove the lowest-utility pool units, `round_frac` (5%) of the model's parameters per round, until `ratio`.
 
+Every mask drops the same count from each pool, so the regression identifies utilities within a pool up to one
+constant per pool (the released code shares this); the Lasso's shrinkage settles the constants.
 Our choices where the paper leaves room: utilities are compared per parameter freed (a head frees ~hd
-times a channel's weights), ties (e.g. units the masks never dropped, whose β is 0) are broken by the
-prior per parameter; the Lasso strength is `l1` times λ_max (the smallest λ that zeroes every β).
+times a channel's weights), ties (pool units whose β is 0) are broken by the prior per parameter; the drop
+probability is 1 / prior (the released code: max activation - activation); the Lasso strength is `l1` times
+λ_max (the smallest λ that zeroes every β).
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
+from tqdm import tqdm
 
 from evaluate.ppl import window_nll
 from prune.allocation import remove_in_order
@@ -29,6 +38,8 @@ from prune.methods.base import PruneContext, PruningMethod
 from prune.plan import KeepPlan
 from prune.scoring import structure_scores
 from prune.structure import ModelStructure
+
+log = logging.getLogger(__name__)
 
 
 def lasso(x: torch.Tensor, y: torch.Tensor, l1: float, iters: int = 2000) -> torch.Tensor:
@@ -58,21 +69,36 @@ def lasso(x: torch.Tensor, y: torch.Tensor, l1: float, iters: int = 2000) -> tor
     return out
 
 
-def sample_masks(groups: list[torch.Tensor], n_units: int, prior: torch.Tensor, n: int, drop_frac: float,
-                 gen: torch.Generator, complements: bool = True) -> torch.Tensor:
-    """(n or 2n, n_units) keep-masks: each drops ceil(drop_frac · |g|) units of every group g (indices into the
-    unit list), drawn without replacement with probability ∝ prior (Gumbel top-k); then the complements."""
-    masks = torch.ones(n, n_units, dtype=torch.bool)
-    logp = prior.double().clamp_min(1e-30).log()
+def candidate_pools(groups: list[torch.Tensor], prior: torch.Tensor, drop_frac: float) -> list[torch.Tensor]:
+    """Per group (unit indices of one module), the 2k units with the lowest prior, k = ceil(drop_frac · |g|)."""
+    pools = []
     for g in groups:
         k = math.ceil(drop_frac * len(g))
+        pools.append(g[torch.argsort(prior[g], stable=True)[:min(len(g), 2 * k)]])
+    return pools
+
+
+def sample_masks(pools: list[torch.Tensor], n_units: int, weight: torch.Tensor, n: int, gen: torch.Generator,
+                 complements: bool = True) -> torch.Tensor:
+    """(n or 2n, n_units) keep-masks. Each of the n drops half of every pool (⌊|pool| / 2⌋ units), drawn without
+    replacement with probability ∝ weight (Gumbel top-k); each complement drops the rest of every pool instead.
+    Units outside the pools are kept in every mask."""
+    masks = torch.ones(n, n_units, dtype=torch.bool)
+    logw = weight.double().clamp_min(1e-30).log()
+    for pool in pools:
+        k = len(pool) // 2
         if k == 0:
             continue
-        u = torch.rand(n, len(g), generator=gen, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+        u = torch.rand(n, len(pool), generator=gen, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
         gumbel = -torch.log(-torch.log(u))
-        drop = torch.topk(logp[g][None, :] + gumbel, k, dim=1).indices  # (n, k)
-        masks[torch.arange(n)[:, None], g[drop]] = False
-    return torch.cat([masks, ~masks]) if complements else masks
+        drop = torch.topk(logw[pool][None, :] + gumbel, k, dim=1).indices  # (n, k)
+        masks[torch.arange(n)[:, None], pool[drop]] = False
+    if not complements:
+        return masks
+    comp = torch.ones_like(masks)
+    for pool in pools:
+        comp[:, pool] = ~masks[:, pool]
+    return torch.cat([masks, comp])
 
 
 class Bonsai(PruningMethod):
@@ -132,21 +158,26 @@ class Bonsai(PruningMethod):
                 norm_pri = pri.clone()
                 for g in groups:  # within a layer and kind, drop probability ∝ 1 / (score / mean score)
                     norm_pri[g] = pri[g] / pri[g].mean().clamp_min(1e-30)
+                pools = candidate_pools(groups, norm_pri, self.drop_frac)
                 n_rand = self.n_masks // 2 if self.complements else self.n_masks
-                keep = sample_masks(groups, len(units), 1.0 / norm_pri.clamp_min(1e-12), n_rand, self.drop_frac, gen,
-                                    self.complements)
+                keep = sample_masks(pools, len(units), 1.0 / norm_pri.clamp_min(1e-12), n_rand, gen, self.complements)
                 with ctx.meter.stage("masked_forwards"):
-                    y = torch.tensor([self._ppl(ctx, masker, plan, units, m, batch, bs) for m in keep])
-                utility = -lasso(keep.float(), y, self.l1)  # (n_units,)
+                    y = torch.tensor([self._ppl(ctx, masker, plan, units, m, batch, bs)
+                                      for m in tqdm(keep, desc=f"bonsai round {len(rounds) + 1} masks", leave=False)])
+                utility = -lasso(keep.float(), y, self.l1)  # (n_units,); units outside the pools get 0
                 per_param = (utility / cost).tolist(), (norm_pri / cost).tolist()
-                order = sorted(range(len(units)), key=lambda u: (per_param[0][u], per_param[1][u]))
+                order = sorted(torch.cat(pools).tolist(), key=lambda u: (per_param[0][u], per_param[1][u]))
                 step = min(self.round_frac * s.total_params, target - (s.total_params - plan.params_after(s)))
                 before = plan.params_after(s)
                 plan = remove_in_order(s, [units[u] for u in order], step, plan)
                 if plan.params_after(s) == before:
                     break  # nothing left that fits the remaining budget
-                rounds.append({"units": len(units), "masks": len(keep), "ppl_median": float(y.median()),
-                               "ppl_min": float(y.min()), "nonzero_utilities": int((utility != 0).sum()),
+                rounds.append({"units": len(units), "pool": len(order), "masks": len(keep),
+                               "ppl_median": float(y.median()), "ppl_min": float(y.min()),
+                               "nonzero_utilities": int((utility != 0).sum()),
                                "removed": s.total_params - plan.params_after(s)})
+                log.info("bonsai round %d: %d units alive, pool %d, mask PPL median %.1f, removed %.4f of params",
+                         len(rounds), len(units), len(order), rounds[-1]["ppl_median"],
+                         rounds[-1]["removed"] / s.total_params)
         ctx.extras["bonsai"] = {"rounds": rounds, "eval_samples": self.eval_samples, "n_masks": self.n_masks}
         return plan
