@@ -9,7 +9,8 @@ The experiment config conf/experiment/<table>.yaml says what the table holds:
 * ``table.pivot``: optional key whose values spread the columns (e.g. one column block per model).
 * ``table.columns``: ``{name, path, better: low|high, scale, fmt}`` with ``path`` dotted into results.json,
   or ``{name, mean: [column names]}``: the arithmetic mean of those columns (the papers' "Mean"/"Avg"),
-  or ``{name, path, text: true}`` for a text cell (generation samples).
+  or ``{name, path, text: true}`` for a text cell (generation samples); ``optional: true`` marks a column that
+  only some rows have (PG steps): its empty cells stay blank and are not reported as missing.
 * ``table.group_by``: the row key(s) that block the table (e.g. ratio); the best value of each column is bold
   within each block (lowest for ``better: low``, highest for ``better: high``). The dense row is never bold.
 * ``table.dense``: put the dense reference row(s) first; a row key marked ``dense: true`` (e.g. the model when
@@ -312,7 +313,7 @@ def build(exp: DictConfig, points: list[Point], results: dict[int, dict]) -> Tab
                     v = sum(parts) / len(parts) if parts and all(x is not None for x in parts) else None
                 else:
                     v = raw[c.name]
-                    if i is not None and res is not None and v is None:
+                    if i is not None and res is not None and v is None and not c.get("optional"):
                         missing.append(f"{points[i].sweep}: {' '.join(points[i].overrides)} (no {c.path})")
                 vals.append(v)
         rows.append(label)
@@ -333,8 +334,11 @@ def build(exp: DictConfig, points: list[Point], results: dict[int, dict]) -> Tab
             best = min(cand) if better == "low" else max(cand)
             for ri in members:
                 bold[ri][ci] = values[ri][ci] is not None and values[ri][ci] == best
-    cells = [lab + [DASH if v is None else v if isinstance(v, str) else format(v, f) for v, f in zip(vals, fmts)]
-             for lab, vals in zip(rows, values)]
+    optional = [bool(c.get("optional")) for _ in pivots for c in cols]
+    present = [[r is not None for r in (results.get(by.get((k, pv))) for pv in pivots for _ in cols)] for k in keys]
+    cells = [lab + ["" if v is None and opt and ok else DASH if v is None else v if isinstance(v, str) else format(v, f)
+                    for v, f, opt, ok in zip(vals, fmts, optional, has)]
+             for lab, vals, has in zip(rows, values, present)]
     return Table(header, cells, [[None] * len(tbl.rows) + v for v in values],
                  [[False] * len(tbl.rows) + b for b in bold], missing, str(tbl.get("title", "")), len(tbl.rows))
 

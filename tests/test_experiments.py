@@ -234,6 +234,26 @@ def test_aggregate_mean_accuracy_metric_per_task_and_missing_metric(tmp_path, ca
     assert all(t.bold[last][len(exp.table.rows):])
 
 
+def test_aggregate_optional_column_is_blank_not_missing(tmp_path):
+    """PG Table 1 at cpu scale: only the pg row has PG steps; the others stay blank and are not reported,
+    while a run with no results.json is still '–' in every column."""
+    exp = agg.load_experiment("pg_table1")
+    points = agg.expected_points("pg_table1", exp, "cpu")
+    pg = next(i for i, p in enumerate(points) if "method=pg" in p.overrides)
+    absent = next(i for i, p in enumerate(points) if "method=bonsai" in p.overrides)
+
+    def metrics(i, p):
+        m = {"ppl": {"wikitext2": 100.0 + i, "ptb": 200.0 + i}, "params": {"after": 9.4e7}, "time_s": {"prune": 5.0}}
+        return {**m, "method_extras": {"pg": {"steps": 100}}} if i == pg else m
+
+    _fake_sweep(tmp_path, "pg_table1", "cpu", metrics, skip={absent})
+    t = agg.aggregate("pg_table1", "cpu", str(tmp_path))
+    col = next(j for j, h in enumerate(t.header) if h.endswith("PG steps"))
+    assert t.rows[pg][col] == "100" and t.rows[0][col] == "" and t.rows[1][col] == ""
+    assert t.rows[absent][col] == agg.DASH
+    assert len(t.missing) == 1 and "method=bonsai" in t.missing[0]
+
+
 def test_aggregate_pivot_columns_and_extra_runs(tmp_path, caplog):
     name = "mini_llm_bloom_opt"
     _fake_sweep(tmp_path, name, "smoke", lambda i, p: {"ppl": {"wikitext2": 100.0 + i, "ptb": 200.0 + i}})
