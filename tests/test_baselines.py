@@ -8,7 +8,7 @@ from conftest import tiny_model
 from prune.checkpoint import load_pruned, save_pruned
 from prune.memory import StageMeter
 from prune.methods.base import PruneContext
-from prune.methods.bonsai import Bonsai, candidate_pools, lasso, sample_masks
+from prune.methods.bonsai import Bonsai, candidate_pools, drop_probabilities, lasso, sample_masks
 from prune.methods.flap import FLAP, RunningStats
 from prune.methods.slicegpt import slice_model, sliced_dim
 from prune.plan import KeepPlan
@@ -104,15 +104,20 @@ def test_lasso_recovers_planted_utilities():
     util = torch.rand(60, generator=gen)
     util[torch.randperm(60, generator=gen)[:15]] = 0.0  # useless units
     keep = sample_masks(groups, 60, torch.ones(60), 150, gen)  # (300, 60): 150 + complements, each pool a layer
-    assert keep.shape == (300, 60) and ((~keep[:150]).sum(1) == 30).all() and (keep[150:] == ~keep[:150]).all()
+    assert keep.shape == (300, 60) and (keep[150:] == ~keep[:150]).all()
     y = 50.0 - keep.double() @ util.double() + 0.01 * torch.randn(300, generator=gen, dtype=torch.float64)
     est = -lasso(keep.double(), y, l1=0.001)
-    # every mask drops exactly half of each layer, so utilities are identified up to one constant per layer
-    # (as in the released code, whose masks also drop a fixed count per module): compare within layers
-    for g in groups:
-        assert torch.corrcoef(torch.stack([est[g], util[g].double()]))[0, 1] > 0.99
-        fifth = util[g].sort().values[4]  # the five lowest estimates are five lowest true utilities (ties at 0)
-        assert (util[g][torch.argsort(est[g])[:5]] <= fifth).all()
+    # the dropped count of each layer varies from mask to mask, so utilities are identified across layers too
+    assert torch.corrcoef(torch.stack([est, util.double()]))[0, 1] > 0.99
+    fifteenth = util.sort().values[14]  # the 15 lowest estimates are the 15 planted zeros
+    assert (util[torch.argsort(est)[:15]] <= fifteenth).all()
+
+
+def test_drop_probabilities_sum_to_the_expected_count():
+    w = torch.tensor([100.0, 1.0, 1.0, 2.0, 0.5])
+    p = drop_probabilities(w, 2.5)
+    assert abs(p.sum().item() - 2.5) < 1e-9 and p.max() <= 1.0 and p[0] == 1.0
+    assert torch.allclose(p[1:] / p[1:].sum(), w[1:].double() / w[1:].sum())  # ∝ weight below the clip
 
 
 def test_lasso_matches_sklearn():
@@ -138,7 +143,7 @@ def test_sampling_follows_prior():
 
 def test_pools_hold_the_lowest_prior_and_complements_stay_inside_them():
     """As the released code: only the bottom 2·drop_frac of a module is in play; a mask and its complement each
-    drop drop_frac of it (the complement of a 5% drop is not a 95% drop)."""
+    drop drop_frac of it on average (the complement of a 5% drop is not a 95% drop), and the count varies."""
     gen = torch.Generator().manual_seed(3)
     groups = [torch.arange(0, 40), torch.arange(40, 50)]
     prior = torch.rand(50, generator=gen)
@@ -151,8 +156,9 @@ def test_pools_hold_the_lowest_prior_and_complements_stay_inside_them():
     outside = torch.tensor([u for u in range(50) if u not in set(inside.tolist())])
     assert keep[:, outside].all()  # units outside the pools are never dropped
     for pool in pools:
-        assert ((~keep[:, pool]).sum(1) == len(pool) // 2).all()  # every mask and complement drops half a pool
-        assert (keep[30:, pool] == ~keep[:30, pool]).all()
+        dropped = (~keep[:, pool]).sum(1).double()  # per mask; a mask and its complement drop the whole pool
+        assert (dropped[:30] + dropped[30:] == len(pool)).all() and dropped.std() > 0
+        assert abs(dropped.mean().item() - len(pool) / 2) < 0.5
 
 
 def test_bonsai_plan_reaches_ratio():
