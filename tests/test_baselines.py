@@ -118,6 +118,8 @@ def test_drop_probabilities_sum_to_the_expected_count():
     p = drop_probabilities(w, 2.5)
     assert abs(p.sum().item() - 2.5) < 1e-9 and p.max() <= 1.0 and p[0] == 1.0
     assert torch.allclose(p[1:] / p[1:].sum(), w[1:].double() / w[1:].sum())  # ∝ weight below the clip
+    wide = torch.tensor([1e-30, 1e-3, 1.0, 1e3])  # weights across 33 decades still sum to the expected count
+    assert abs(drop_probabilities(wide, 1.5).sum().item() - 1.5) < 1e-9
 
 
 def test_lasso_matches_sklearn():

@@ -93,7 +93,7 @@ def drop_probabilities(weight: torch.Tensor, expected: float) -> torch.Tensor:
     """p = min(1, c · weight) with c set by bisection so that Σp = expected (0 < expected < len(weight))."""
     w = weight.double().clamp_min(1e-30)
     lo, hi = 0.0, expected / w.min().item()
-    for _ in range(60):
+    for _ in range(200):  # hi can start ~1e30 when weights span many decades; 2^-200 of it is still exact enough
         c = (lo + hi) / 2
         lo, hi = (c, hi) if (c * w).clamp(max=1).sum() < expected else (lo, c)
     return (hi * w).clamp(max=1)
