@@ -161,6 +161,7 @@ def test_pools_hold_the_lowest_prior_and_complements_stay_inside_them():
         dropped = (~keep[:, pool]).sum(1).double()  # per mask; a mask and its complement drop the whole pool
         assert (dropped[:30] + dropped[30:] == len(pool)).all() and dropped.std() > 0
         assert abs(dropped.mean().item() - len(pool) / 2) < 0.5
+        assert (keep[30:, pool] == ~keep[:30, pool]).all()  # the complement drops exactly the rest of the pool
 
 
 def test_bonsai_plan_reaches_ratio():
