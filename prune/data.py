@@ -68,8 +68,8 @@ def _read_local(name: str, split: str, root: str) -> list[str]:
         with open(path, encoding="utf-8") as f:
             if path.endswith(".jsonl"):
                 rows += [json.loads(line)[corpus.field] for line in f if line.strip()]
-            elif name == "wikitext2":  # the hub's rows: the file's lines, blank lines as ""
-                rows += [line.rstrip("\n") if line.strip() else "" for line in f]
+            elif name == "wikitext2":  # the hub builder's rows: each line with its "\n", blank lines as ""
+                rows += [line if line.strip() else "" for line in f]
             elif name == "bookcorpus":
                 rows.append(f.read())  # one row per book; calibration cuts random windows from it
             else:  # ptb_text_only strips each sentence
