@@ -23,6 +23,20 @@ class InfeasibleRatio(ValueError):
     pass
 
 
+RATIO_OF = ("model", "layers")
+
+
+def model_ratio(s: ModelStructure, ratio: float, ratio_of: str = "model") -> float:
+    """`ratio` under the run's convention -> the fraction of the whole model's parameters to remove.
+
+    ratio_of="model" (MINI-LLM, LLM-Pruner): the ratio counts every parameter, embeddings included.
+    ratio_of="layers" (the policy-gradient paper, Table A4, and its released check_sparsity): the ratio counts the
+    decoder layers' parameters only; the same number of parameters is removed, a smaller share of the model."""
+    if ratio_of not in RATIO_OF:
+        raise ValueError(f"ratio_of={ratio_of!r}: choose model (whole model) or layers (decoder layers only)")
+    return ratio if ratio_of == "model" else ratio * s.layer_params / s.total_params
+
+
 def prunable_layers(s: ModelStructure, first: int, last: int) -> list[int]:
     """Layers inside the range: the first `first` and the last `last` layers are kept whole."""
     if first < 0 or last < 0 or first + last >= s.num_layers:

@@ -11,7 +11,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from evaluate import check_evaluations, measure_dense_reference, run_evaluations
-from prune.allocation import within_range_ratio
+from prune.allocation import model_ratio, within_range_ratio
 from prune.checkpoint import save_pruned
 from prune.logger import make_logger
 from prune.memory import StageMeter
@@ -37,7 +37,7 @@ def run(cfg: DictConfig, out_dir: str) -> dict:
     logger = make_logger(cfg)
     device = resolve_device(cfg.device)
     meter = StageMeter(device)
-    ratio = 0.0 if method.name == "dense" else float(cfg.ratio)
+    target = 0.0 if method.name == "dense" else float(cfg.ratio)
     results = {"model": cfg.model.name, "method": method.name, "config": OmegaConf.to_container(cfg, resolve=True)}
     path = os.path.join(out_dir, "results.json")
 
@@ -50,6 +50,7 @@ def run(cfg: DictConfig, out_dir: str) -> dict:
     base_config = model.config.to_dict()
     measure_dense_reference(cfg, model, meter, results)  # efficiency report's dense side, before slicing
     s = discover(model)
+    ratio = model_ratio(s, target, cfg.ratio_of)  # what every method works with: the share of the whole model
     ctx = PruneContext(model, tokenizer, s, ratio, cfg.layer_range.first, cfg.layer_range.last, cfg.allocation,
                        OmegaConf.to_container(cfg.calibration, resolve=True), cfg.data.root, cfg.seed, meter,
                        logger=logger)
@@ -61,7 +62,8 @@ def run(cfg: DictConfig, out_dir: str) -> dict:
     after = num_params(model)  # real parameters, also for methods that transform the model (manifest "transform")
     transformed = "transform" in ctx.manifest
     results.update({
-        "ratio": {"target": ratio, "achieved": 1 - after / s.total_params,
+        "ratio": {"target": target, "of": cfg.ratio_of, "target_of_model": ratio,
+                  "achieved": 1 - after / s.total_params, "achieved_of_layers": (s.total_params - after) / s.layer_params,
                   "within_range": within_range_ratio(s, plan, ctx.first, ctx.last) if ratio and not transformed else 0.0},
         "params": {"before": s.total_params, "after": after},
         "kept_units_file": "kept_units.json",

@@ -18,8 +18,9 @@ def write_json(path: str, obj) -> None:
 def summary(results: dict) -> str:
     """One screen: what was pruned, how much, and the headline metrics."""
     lines = [f"model={results['model']} method={results['method']}",
-             f"ratio target={results['ratio']['target']:.4f} achieved={results['ratio']['achieved']:.4f} "
-             f"(within range {results['ratio'].get('within_range', float('nan')):.4f})",
+             f"ratio target={results['ratio']['target']:.4f} of the {results['ratio'].get('of', 'model')}; achieved "
+             f"{results['ratio']['achieved']:.4f} of the model, {results['ratio'].get('achieved_of_layers', float('nan')):.4f} "
+             f"of the decoder layers, {results['ratio'].get('within_range', float('nan')):.4f} within the layer range",
              f"params {results['params']['before']:,} -> {results['params']['after']:,}"]
     for name, v in results.get("ppl", {}).items():
         lines.append(f"ppl {name}: {v:.3f}")

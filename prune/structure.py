@@ -126,6 +126,11 @@ class ModelStructure:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def layer_params(self) -> int:
+        """Parameters of all decoder layers as discovered (embeddings, final norm and head excluded)."""
+        return sum(info.num_params for info in self.layers)
+
 
 def num_params(model: nn.Module) -> int:
     """Parameters counted once even when tied (model.parameters() de-duplicates shared tensors)."""

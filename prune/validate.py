@@ -5,7 +5,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM
 
-from prune.allocation import InfeasibleRatio, check_feasible, prunable_layers
+from prune.allocation import InfeasibleRatio, check_feasible, model_ratio, prunable_layers
 from prune.data import check_root
 from prune.models import load_config, resolve_dtype
 from prune.structure import discover
@@ -28,6 +28,7 @@ def validate(cfg: DictConfig, granularity: str = "width", heads: bool = True, ch
     if cfg.method.name == "dense" or ratio == 0:
         return
     s = meta_structure(cfg.model)
+    ratio = model_ratio(s, ratio, cfg.ratio_of)
     first, last = cfg.layer_range.first, cfg.layer_range.last
     if granularity == "depth":
         layers = prunable_layers(s, first, last)

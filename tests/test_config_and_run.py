@@ -67,6 +67,23 @@ def test_run_py_end_to_end(tmp_path):
     assert (tmp_path / "model" / "model.safetensors").is_file()
 
 
+def test_ratio_of_layers_counts_decoder_layers_only(tmp_path):
+    """ratio_of=layers (the PG paper's convention): `ratio` of the decoder layers' parameters is removed, checked
+    against the layers' parameter count taken from the model itself."""
+    from tests.conftest import tiny_model
+
+    model, _, s = tiny_model("tiny_llama_gqa")
+    layer_params = sum(p.numel() for p in model.model.layers.parameters())
+    run_py(tmp_path, *TINY_RUN, "method=wanda_sp", "ratio=0.3", "ratio_of=layers", "evaluate.ppl.max_windows=1")
+    r = json.loads((tmp_path / "results.json").read_text())["ratio"]
+    removed = 0.3 * layer_params
+    assert r["of"] == "layers" and r["target"] == 0.3
+    assert r["target_of_model"] == pytest.approx(removed / s.total_params, rel=1e-9)
+    half_channel = s.layers[0].channel_cost / 2
+    assert abs(r["achieved_of_layers"] * layer_params - removed) <= half_channel + 1e-6
+    assert abs(r["achieved"] * s.total_params - removed) <= half_channel + 1e-6
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["method=no_such_method"], "Available options"),
     (["ratio=1.2"], "outside [0, 1)"),

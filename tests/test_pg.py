@@ -1,5 +1,6 @@
-"""Policy-gradient pruning (issue 4): projection, REINFORCE, budget/plan, toy optimum, resume, sparse forward,
-inits, depth baselines, pg_gumbel, config wiring. Tiny models only."""
+"""Policy-gradient pruning (issues 4, 12): projection and projected step, REINFORCE, baselines, budget/plan, toy
+optima with equal and unequal unit costs, resume, sparse forward, on-budget inits, curves and snapshots, depth
+baselines, pg_gumbel, config wiring. Tiny models only."""
 from __future__ import annotations
 
 import itertools
@@ -13,10 +14,11 @@ import torch.nn.functional as F
 from prune.allocation import select
 from prune.methods.base import PruneContext
 from prune.memory import StageMeter
+from prune.methods.pg import state as ckpt
 from prune.methods.pg.init import MetricInit, ProgressiveInit, RandomInit
 from prune.methods.pg.optimizer import PolicyGradient
 from prune.methods.pg.policy import Baseline, learning_rate, sample_masks, score_gradient
-from prune.methods.pg.projection import project
+from prune.methods.pg.projection import project, projected_step
 from prune.methods.pg.trainer import PGSettings, Trainer, token_losses
 from prune.methods.pg.units import UnitTable
 from prune.methods.simple import Magnitude
@@ -70,12 +72,13 @@ def test_projection_groups_are_independent_and_param_metric_shifts_uniformly():
     c = torch.rand(12, generator=g, dtype=torch.float64) + 0.5
     group = torch.tensor([0] * 5 + [1] * 7)
     K = torch.tensor([0.4 * float(c[:5].sum()), 0.6 * float(c[5:].sum())])
-    s = project(z, c, K, group)
-    torch.testing.assert_close(s[:5], project(z[:5], c[:5], K[:1]))
-    torch.testing.assert_close(s[5:], project(z[5:], c[5:], K[1:]))
-    free = (s > 0) & (s < 1) & (group == 1)  # the paper's clip(z - v, 0, 1): one shift per group
-    shifts = (z - s)[free]
-    assert free.sum() >= 2 and torch.allclose(shifts, shifts[0].expand_as(shifts))
+    for metric, w in (("param", torch.ones_like(c)), ("euclid", c)):
+        s = project(z, c, K, group, metric)
+        torch.testing.assert_close(s[:5], project(z[:5], c[:5], K[:1], metric=metric))
+        torch.testing.assert_close(s[5:], project(z[5:], c[5:], K[1:], metric=metric))
+        free = (s > 0) & (s < 1) & (group == 1)  # clip(z - v w, 0, 1): one multiplier v per group
+        shifts = ((z - s) / w)[free]
+        assert free.sum() >= 2 and torch.allclose(shifts, shifts[0].expand_as(shifts))
 
 
 # ---------------------------------------------------------------- REINFORCE
@@ -89,27 +92,113 @@ def test_score_gradient_is_unbiased_for_the_expected_loss():
     (prob * loss(masks)).sum().backward()
     exact = s.grad
     m = sample_masks(s.detach(), 400000, torch.Generator().manual_seed(0)).double()
-    est = score_gradient(s.detach(), m, loss(m), delta=1.0, eps=1e-6)
+    est = score_gradient(s.detach(), m, loss(m), torch.ones(len(m)), eps=1e-6)
     torch.testing.assert_close(est, exact, atol=0.03, rtol=0)
 
 
-def test_baselines_window_and_ema():
+def test_baselines_follow_eq8_window_and_leave_one_out():
+    e = Baseline("ema", 4)  # Eq. (8): δ <- (T-1)/T δ + 1/(N_s T) Σ L, from δ = 0, updated before it is used
+    assert e.deltas(torch.tensor([3.0, 5.0])).tolist() == [1.0, 1.0]  # 0.75 * 0 + 8 / (2 * 4)
+    assert e.deltas(torch.tensor([6.0, 10.0])).tolist() == [2.75, 2.75]  # 0.75 * 1 + 16 / 8
+    assert e.deltas(torch.tensor([0.0, 0.0])).tolist() == [2.0625, 2.0625]  # 0.75 * 2.75
     b = Baseline("window", 2)
-    assert [b.advantage_baseline(x) for x in (4.0, 2.0, 6.0, 8.0)] == [4.0, 4.0, 3.0, 4.0]
-    e = Baseline("ema", 4)
-    assert e.advantage_baseline(4.0) == 4.0 and e.advantage_baseline(8.0) == pytest.approx(0.75 * 4 + 0.25 * 8)
+    assert [float(b.deltas(torch.tensor([x]))[0]) for x in (4.0, 2.0, 6.0, 8.0)] == [4.0, 4.0, 3.0, 4.0]
+    loo = Baseline("loo")
+    assert loo.deltas(torch.tensor([1.0, 2.0, 6.0])).tolist() == [4.0, 3.5, 1.5]  # the mean of the others
+    with pytest.raises(ValueError, match="n_samples >= 2"):
+        loo.deltas(torch.tensor([1.0]))
 
 
 class ToyTrainer(Trainer):
-    """Trainer.step with the LLM replaced by a known loss: L(m) = Σ_i w_i (1 - m_i), removing unit i costs w_i."""
+    """Trainer.step with the LLM replaced by a known loss: L(m) = Σ_i a_i (1 - m_i) + d, removing unit i costs a_i
+    (its loss share), d a per-call batch difficulty that no mask changes; c_i is the parameter cost of unit i."""
 
-    def __init__(self, w, cfg, gen):
-        self.w, self.cfg, self.gen = w, cfg, gen
-        self.table = type("T", (), {"cost": torch.ones_like(w), "group": torch.zeros(len(w), dtype=torch.long)})
+    def __init__(self, a, cfg, gen, cost=None, difficulty=0.0):
+        self.a, self.cfg, self.gen, self.difficulty = a, cfg, gen, difficulty
+        cost = torch.ones_like(a) if cost is None else cost
+        self.table = type("T", (), {"cost": cost, "group": torch.zeros(len(a), dtype=torch.long)})
         self.baseline = Baseline(cfg.baseline, cfg.window)
 
     def losses(self, batch, m):
-        return (self.w * (1 - m.double())).sum(1)
+        d = self.difficulty * float(torch.rand(1, generator=self.gen)) * 10
+        return (self.a * (1 - m.double())).sum(1) + d
+
+
+def test_leave_one_out_advantage_is_zero_when_the_loss_ignores_the_mask():
+    """Losses that vary from batch to batch but not with the mask: LOO's advantages are exactly 0, so s stays put;
+    the EMA baseline lags the batch difficulty and moves s on pure noise."""
+    n = 20
+    for kind, moves in (("loo", False), ("ema", True)):
+        g = torch.Generator().manual_seed(0)
+        tr = ToyTrainer(torch.zeros(n, dtype=torch.float64), PGSettings(baseline=kind, n_samples=3), g, difficulty=1.0)
+        s0 = torch.full((n,), 0.5, dtype=torch.float64)
+        s = s0
+        for step in range(20):
+            s = tr.step(s, None, torch.tensor([float(n)]), step, 20)["s"]
+        assert (not torch.equal(s, s0)) == moves
+
+
+def top_s_fractions(s, cost, K, kinds):
+    """Per-kind kept fraction of the deterministic top-s mask: drop the lowest s until cost - K is removed."""
+    keep, removed = torch.ones_like(s), 0.0
+    for i in torch.argsort(s, stable=True).tolist():
+        if removed + float(cost[i]) <= float(cost.sum()) - K + 0.5 * float(cost.min()):
+            keep[i], removed = 0.0, removed + float(cost[i])
+    return [float(keep[k].mean()) for k in kinds]
+
+
+def fractional_knapsack(u, cost, K):
+    """The exact optimum of min Σ c_i u_i (1 - s_i) s.t. Σ c_i s_i <= K, 0 <= s <= 1: keep by u (loss per parameter)."""
+    s, used = torch.zeros_like(u), 0.0
+    for i in torch.argsort(u, descending=True).tolist():
+        s[i] = min(1.0, max(0.0, (K - used) / float(cost[i])))
+        used += float(s[i] * cost[i])
+    return s
+
+
+@pytest.mark.parametrize("metric", ["euclid", "param"])
+def test_projected_step_fixed_point_is_the_budget_optimum_with_unequal_costs(metric):
+    """Exact expected gradient g = -c u of the separable loss Σ c_i u_i (1 - s_i), u drawn from one distribution for
+    heads (cost 57) and channels (cost 1): the projected step converges to the fractional-knapsack optimum. The raw
+    step with the parameter-metric projection (the pre-issue-12 update) is the control that must miss it."""
+    g = torch.Generator().manual_seed(0)
+    nh, nc = 27, 460
+    cost = torch.cat([torch.full((nh,), 57.0), torch.ones(nc)]).double()
+    u = torch.rand(nh + nc, generator=g, dtype=torch.float64)
+    K = 0.62 * float(cost.sum())
+    best = fractional_knapsack(u, cost, K)
+    grad = -cost * u / cost.mean()
+    s = raw = torch.full_like(u, 0.62)
+    for _ in range(1500):
+        s = projected_step(s, grad, 0.05, cost, torch.tensor([K]), metric=metric)
+        raw = project(raw - 0.05 * grad, cost, torch.tensor([K]), metric="param")
+    kinds = (slice(0, nh), slice(nh, None))
+    for k in kinds:
+        assert abs(float(s[k].mean()) - float(best[k].mean())) < 0.02
+    assert float(raw[kinds[0]].mean()) - float(best[kinds[0]].mean()) > 0.1  # heads outbid channels
+
+
+@pytest.mark.parametrize("toy", ["heads_channels", "layers"])
+@pytest.mark.parametrize("metric,baseline", [("euclid", "ema"), ("param", "ema"), ("euclid", "loo")])
+def test_reinforce_reaches_the_optimum_with_unequal_costs(toy, metric, baseline):
+    """The whole REINFORCE step (sampling, baseline, score function, projected step) on a separable toy whose optimum
+    is known: heads_channels, 6 heads of cost 8 and 60 channels of cost 1, half of each useful (u = 1, the rest 0.2),
+    a budget that keeps exactly the useful ones (54 of 108); layers, 12 equal-cost layers, the 5 useful ones kept.
+    The top-s mask after 3000 steps keeps the optimum's per-kind fractions (within 0.02)."""
+    if toy == "heads_channels":
+        cost = torch.cat([torch.full((6,), 8.0), torch.ones(60)]).double()
+        u = torch.tensor([1.0] * 3 + [0.2] * 3 + [1.0] * 30 + [0.2] * 30, dtype=torch.float64)
+        kinds, K, want = (slice(0, 6), slice(6, None)), 54.0, [0.5, 0.5]
+    else:
+        cost = torch.ones(12, dtype=torch.float64)
+        u = torch.tensor([1.0] * 5 + [0.2] * 7, dtype=torch.float64)
+        kinds, K, want = (slice(0, 5), slice(5, None)), 5.0, [1.0, 0.0]
+    g = torch.Generator().manual_seed(0)
+    tr = ToyTrainer(cost * u / 10, PGSettings(lr=0.02, baseline=baseline, projection_metric=metric), g, cost)
+    s = torch.full_like(u, K / float(cost.sum()))
+    for step in range(3000):
+        s = tr.step(s, None, torch.tensor([K]), step, 3000)["s"]
+    assert top_s_fractions(s, cost, K, kinds) == pytest.approx(want, abs=0.02)
 
 
 def test_cosine_schedule_warms_up_then_matches_torch_cosine_annealing():
@@ -249,13 +338,15 @@ def test_interrupted_and_resumed_run_gives_the_same_mask(tmp_path, data_root):
 
 
 class NaNTrainer(Trainer):
+    """The sampled losses of step 2 are NaN."""
+
+    def step(self, s, batch, budget, step, total):
+        self.nan_now = step == 2
+        return super().step(s, batch, budget, step, total)
+
     def losses(self, batch, m):
         out = super().losses(batch, m)
-        return out * float("nan") if self.calls_made() == 3 else out
-
-    def calls_made(self):
-        self._n = getattr(self, "_n", 0) + 1
-        return self._n
+        return out * float("nan") if getattr(self, "nan_now", False) else out
 
 
 def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, data_root):
@@ -271,15 +362,24 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, data_root):
     assert ctx.extras["pg"]["skipped_nan"] == 1
 
 
-def test_inits_are_feasible_and_follow_the_metric(data_root):
+def test_inits_start_on_the_budget_and_follow_the_metric(data_root):
     ctx = make_ctx(data_root)
-    table = UnitTable(ctx.structure, ctx.prunable)
-    budget = table.budget(0.3)
     mag = Magnitude("magnitude_l1", p=1)
     raw = mag.scores(ctx)
-    for init in (RandomInit(), RandomInit(jitter=0.2), MetricInit(mag), MetricInit(mag, transform="score_const")):
-        s = init.init(ctx, table, 0.3)
-        assert float(table.cost @ s) <= float(budget.sum()) * (1 + 1e-9) and (s >= 0).all() and (s <= 1).all()
+    tables = (UnitTable(ctx.structure, ctx.prunable), UnitTable(ctx.structure, ctx.prunable, budget="separate",
+                                                              gqa_unit="group", allocation="local"))
+    for table in tables:
+        budget = table.budget(0.3)
+        for init in (RandomInit(), RandomInit(spread=0.0), ProgressiveInit(), MetricInit(mag),
+                     MetricInit(mag, transform="score_const")):
+            s = init.init(ctx, table, 0.3)
+            assert (s > 0).all() and (s < 1).all()
+            kept = torch.zeros(table.n_groups, dtype=torch.float64).index_add_(0, table.group, table.cost * s)
+            assert ((kept - budget).abs() / budget).max() < 1e-3  # expected kept parameters == budget, per group
+    depth = UnitTable(ctx.structure, ctx.prunable, granularity="depth")
+    s = RandomInit().init(ctx, depth, 0.3)
+    assert abs(float(depth.cost @ s) / float(depth.budget(0.3).sum()) - 1) < 1e-3
+    table = tables[0]
     s = MetricInit(mag).init(ctx, table, 0.3)
     a, c = table.slices[1]
     assert torch.equal(torch.argsort(s[c], stable=True), torch.argsort(raw["channels"][1], stable=True))
@@ -294,10 +394,18 @@ def test_pg_end_to_end_hits_ratio_and_logs(tmp_path, data_root):
     ctx = make_ctx(data_root)
     logged = []
     ctx.logger.log = lambda metrics, step=None: logged.append((step, metrics))
-    plan = pg(tmp_path, init=MetricInit(Magnitude("magnitude_l1")), plot=True, log_every=1).plan(ctx)
+    pg_method = pg(tmp_path, init=MetricInit(Magnitude("magnitude_l1")), plot=True, log_every=1, snapshot_steps=[0, 3, 6])
+    plan = pg_method.plan(ctx)
     assert abs(plan.achieved_ratio(ctx.structure) - 0.3) * ctx.structure.total_params <= ctx.structure.layers[0].channel_cost / 2
     ex = ctx.extras["pg"]
-    assert len(ex["curves"]) == ex["steps"] == 6 and {"loss", "delta", "s_mean", "s_entropy"} <= set(ex["curves"][0])
+    assert len(ex["curves"]) == ex["steps"] == 6
+    assert {"loss", "top_s_loss", "delta", "s_mean", "s_entropy", "kept_fraction", "budget_fraction", "s_mean_h",
+            "s_mean_c"} <= set(ex["curves"][0])
+    assert ex["curves"][0]["kept_fraction"] == pytest.approx(ex["curves"][0]["budget_fraction"], rel=1e-3)  # on budget
+    assert ex["snapshots"] == [0, 3, 6]
+    for k in (0, 3, 6):  # s after k steps; step 0 is the init, the last one the final s
+        assert ckpt.load_snapshot(str(tmp_path), k).shape == (ex["units"],)
+    assert torch.equal(ckpt.load_snapshot(str(tmp_path), 6), pg_method.s)
     assert len(ex["expected_layer_sparsity"][0]["expected"]) == ctx.structure.num_layers
     assert [st for st, _ in logged] == [c["step"] for c in ex["curves"]]  # the same curves reach the logger
     assert logged[-1][1]["pg/loss"] == ex["curves"][-1]["loss"]

@@ -4,7 +4,7 @@ selection as method=pg (prune/methods/pg), but the gradient of the expected loss
 
 Each step draws N_s relaxed masks  m = sigmoid((log s - log(1 - s) + log u - log(1 - u)) / τ),  u ~ U(0, 1),
 (hard=true: the straight-through 0/1 mask in the forward, the relaxed one's gradient backwards), runs the masked
-model on the batch (the N_s masks batched as in pg), and takes one projected SGD step s <- proj_C(s - lr ∇_s L).
+model on the batch (the N_s masks batched as in pg), and takes pg's projected SGD step with g = ∇_s L.
 Not in the released code; our choices (the paper gives no more detail): τ = 2/3 constant, SGD lr 0.1 (untuned;
 the pathwise gradient is much smaller than the score-function one), s clamped to [eps, 1 - eps] in the logit.
 Backprop keeps every layer's activations, which is the memory/time cost the paper compares against
@@ -18,7 +18,7 @@ import torch
 
 from prune.methods.pg.optimizer import PolicyGradient
 from prune.methods.pg.policy import learning_rate
-from prune.methods.pg.projection import project
+from prune.methods.pg.projection import projected_step
 from prune.methods.pg.trainer import PGSettings, Trainer
 
 
@@ -43,7 +43,7 @@ class GumbelTrainer(Trainer):
                 return {"s": s, "loss": float(losses.mean()), "delta": float("nan"), "lr": 0.0, "finite": False}
             losses.mean().backward()
         lr = learning_rate(cfg.lr, step, total, cfg.lr_schedule, cfg.warmup)
-        s = project(s - lr * sc.grad.double(), self.table.cost, budget, self.table.group, cfg.projection_metric)
+        s = projected_step(s, sc.grad, lr, self.table.cost, budget, self.table.group, cfg.projection_metric)
         return {"s": s, "loss": float(losses.detach().mean()), "delta": float("nan"), "lr": lr, "finite": True}
 
 

@@ -1,19 +1,23 @@
-"""Initial keep-probabilities (the `init` config group).
+"""Initial keep-probabilities (the `init` config group). Every init starts *on* the budget: its logits x are shifted
+per budget group, s = sigmoid(x + b_g), with b_g solved so that the expected kept parameters Σ c_i s_i equal the
+group's budget (`on_budget`), as the released code's sigmap(x, target_mean=rate) puts the mean at the keep rate.
+(Projecting instead can only lower s: a Wanda-sp start kept 48.7% of the prunable parameters in expectation against
+a budget of 62%, so every sampled sub-network was far more pruned than the target.) The shift keeps the order.
 
-- RandomInit ("random", paper): every unit at the target keep rate, s_i = 1 - f (f = the fraction of the prunable
-  parameters to remove), which sits on the budget; `jitter` adds U(-j/2, j/2) noise before projecting.
+- RandomInit ("random", paper and released code): x ~ spread · N(0, 1) (seeded), shifted to the budget; spread=0
+  puts every unit at the same keep rate.
 - ProgressiveInit ("random_progressive"): the paper's Random-Progressive, not in the released code (first public
   implementation, following the paper's text): start random at 5% and raise the rate by 5% per stage up to the
-  target; each stage runs `stage_fraction` of an epoch (1/3 in the paper) from the previous stage's s, re-projected
-  onto the tighter budget. The last stage runs `final_fraction` of an epoch (default: the same fraction).
+  target; each stage runs `stage_fraction` of an epoch (1/3 in the paper) from the previous stage's s, shifted onto
+  the tighter budget the same way. The last stage runs `final_fraction` of an epoch (default: the same fraction).
 - MetricInit (wanda_sp, llm_pruner, mini_llm, magnitude_l1/l2; layerwise_ppl for depth): a metric method's scores,
-  transformed by "sigmoid_norm" (standardise, then sigmoid) or
-  "score_const" (c for the units the metric's own plan keeps, 1 - c for the rest; c = 0.8), then projected onto C.
+  transformed by "sigmoid_norm" (x = standardised scores) or "score_const" (x = logit(c) for the units the metric's
+  own plan keeps, logit(1 - c) for the rest; c = 0.8), then shifted to the budget.
   sigmoid_norm standardises each layer's heads and each layer's channels separately (norm_scope="layer", default):
   metric scores are not comparable across layers (Wanda-sp's grow with depth on SmolLM2, and one global
   standardisation made the first 10 layers lose every head: WikiText-2 PPL 9e4 at ratio 0.3). norm_scope="global"
   standardises per unit kind over the whole model. Layer scores (depth) are standardised over the layers.
-Every init returns a feasible s. `stages(ratio, epoch)` lists the (ratio, steps) schedule of the optimisation.
+`stages(ratio, epoch)` lists the (ratio, steps) schedule of the optimisation.
 """
 from __future__ import annotations
 
@@ -22,32 +26,54 @@ import math
 import torch
 
 from prune.allocation import select
-from prune.methods.pg.projection import project
 from prune.methods.pg.units import UnitTable
+
+
+def on_budget(x: torch.Tensor, cost: torch.Tensor, budget: torch.Tensor, group: torch.Tensor,
+              iters: int = 200) -> torch.Tensor:
+    """Logits x (n,) -> s = sigmoid(x + b[group]) (n,) float64 with Σ_{group g} c_i s_i = budget[g] (bisection on b)."""
+    x, cost = x.double(), cost.double()
+    G = budget.numel()
+
+    def used(b: torch.Tensor) -> torch.Tensor:  # (G,) expected kept cost, increasing in b
+        return torch.zeros(G, dtype=torch.float64).index_add_(0, group, cost * torch.sigmoid(x + b[group]))
+
+    lo = torch.full((G,), -60.0, dtype=torch.float64) - x.max()
+    hi = torch.full((G,), 60.0, dtype=torch.float64) - x.min()
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        over = used(mid) > budget
+        hi = torch.where(over, mid, hi)
+        lo = torch.where(over, lo, mid)
+    return torch.sigmoid(x + ((lo + hi) / 2)[group])
+
+
+def logit(s: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    s = s.double().clamp(eps, 1 - eps)
+    return s.log() - (1 - s).log()
 
 
 class RandomInit:
     name = "random"
 
-    def __init__(self, name: str = "random", jitter: float = 0.0):
-        self.name, self.jitter = name, jitter
+    def __init__(self, name: str = "random", spread: float = 1.0):
+        self.name, self.spread = name, spread
 
     def stages(self, ratio: float, epoch_steps: int) -> list[tuple[float, int]]:
         return [(ratio, epoch_steps)]
 
-    def init(self, ctx, table: UnitTable, ratio: float, metric: str = "param") -> torch.Tensor:
-        budget = table.budget(ratio)
-        s = (budget / table.group_cost)[table.group].clone()
-        if self.jitter:
-            g = torch.Generator().manual_seed(ctx.seed)
-            s = s + self.jitter * (torch.rand(table.n, generator=g, dtype=torch.float64) - 0.5)
-        return project(s, table.cost, budget, table.group, metric)
+    def logits(self, ctx, table: UnitTable, ratio: float) -> torch.Tensor:
+        g = torch.Generator().manual_seed(ctx.seed)
+        return self.spread * torch.randn(table.n, generator=g, dtype=torch.float64)
+
+    def init(self, ctx, table: UnitTable, ratio: float) -> torch.Tensor:
+        return on_budget(self.logits(ctx, table, ratio), table.cost, table.budget(ratio), table.group)
 
 
 class ProgressiveInit(RandomInit):
     def __init__(self, name: str = "random_progressive", start: float = 0.05, step: float = 0.05,
-                 stage_fraction: float = 1 / 3, final_fraction: float | None = None, jitter: float = 0.0):
-        super().__init__(name, jitter)
+                 stage_fraction: float = 1 / 3, final_fraction: float | None = None, spread: float = 1.0):
+        super().__init__(name, spread)
         self.start, self.step, self.stage_fraction = start, step, stage_fraction
         self.final_fraction = stage_fraction if final_fraction is None else final_fraction
 
@@ -67,7 +93,7 @@ class MetricInit(RandomInit):
             raise ValueError(f"init transform={transform!r}: choose sigmoid_norm or score_const")
         if norm_scope not in ("layer", "global"):
             raise ValueError(f"init norm_scope={norm_scope!r}: choose layer or global")
-        super().__init__(name or method.name)
+        super().__init__(name or method.name, spread=0.0)
         self.method, self.transform, self.c, self.norm_scope = method, transform, c, norm_scope
 
     def unit_scores(self, ctx, table: UnitTable) -> tuple[torch.Tensor, dict | None]:
@@ -90,17 +116,16 @@ class MetricInit(RandomInit):
             out[a], out[c] = h, sc["channels"][i].double()
         return out, sc
 
-    def init(self, ctx, table: UnitTable, ratio: float, metric: str = "param") -> torch.Tensor:
+    def logits(self, ctx, table: UnitTable, ratio: float) -> torch.Tensor:
         scores, raw = self.unit_scores(ctx, table)
-        if self.transform == "sigmoid_norm":
-            s = torch.empty_like(scores)
-            for idx in self._norm_groups(table):
-                x = scores[idx]
-                s[idx] = torch.sigmoid((x - x.mean()) / x.std().clamp(min=1e-12)) if len(x) > 1 else 0.5
-        else:
+        if self.transform == "score_const":
             kept = self._kept(ctx, table, scores, raw, ratio)
-            s = torch.where(kept, torch.tensor(self.c, dtype=torch.float64), torch.tensor(1 - self.c, dtype=torch.float64))
-        return project(s, table.cost, table.budget(ratio), table.group, metric)
+            return torch.where(kept, logit(torch.tensor(self.c)), logit(torch.tensor(1 - self.c)))
+        x = torch.zeros_like(scores)
+        for idx in self._norm_groups(table):
+            if len(idx) > 1:
+                x[idx] = (scores[idx] - scores[idx].mean()) / scores[idx].std().clamp(min=1e-12)
+        return x
 
     def _norm_groups(self, table: UnitTable) -> list[torch.Tensor]:
         """Index sets standardised together: per layer and unit kind (norm_scope="layer"), or per kind."""
@@ -111,18 +136,8 @@ class MetricInit(RandomInit):
     def _kept(self, ctx, table, scores, raw, ratio) -> torch.Tensor:
         """Units the metric's own plan keeps (its allocation = the run's `allocation`)."""
         if table.granularity == "depth":
-            removed = table.final_plan(scores, ratio).removed_layers
-            return torch.tensor([i not in removed for i in table.layers])
-        alloc = ctx.allocation if ctx.allocation in ("uniform", "global") else "uniform"
-        plan = select(ctx.structure, raw, ratio, ctx.first, ctx.last, alloc)
-        kept = torch.zeros(table.n, dtype=torch.bool)
-        for i in table.layers:
-            a, c = table.slices[i]
-            h = torch.zeros(ctx.structure.layers[i].n_heads, dtype=torch.bool)
-            h[plan.heads[i]] = True
-            if table.gqa_unit == "group":
-                h = h.view(-1, ctx.structure.layers[i].group_size).any(1)
-            kept[a] = h
-            kept[c] = torch.zeros(ctx.structure.layers[i].n_channels, dtype=torch.bool).index_fill_(
-                0, torch.tensor(plan.channels[i], dtype=torch.long), True)
-        return kept
+            plan = table.final_plan(scores, ratio)
+        else:
+            alloc = ctx.allocation if ctx.allocation in ("uniform", "global") else "uniform"
+            plan = select(ctx.structure, raw, ratio, ctx.first, ctx.last, alloc)
+        return table.mask_from_plan(plan).bool()

@@ -11,8 +11,13 @@ once with the seed; step t reads rows (8t .. 8t+7) mod n_segments, so the data p
 Checkpoints: every `checkpoint_every` steps and when a non-finite loss stops the run (state.py), in the run directory
 (Hydra's output dir). resume=true continues from it with the same RNG state and data position, so the final mask
 equals an uninterrupted run's. nan_policy=skip (released code) skips such batches instead.
-Curves (loss, δ, lr, mean and entropy of s, expected per-layer sparsity) go to the log and to results.json
-(method_extras.pg); the final per-layer sparsity is plotted to <run dir>/layer_sparsity.{png,pdf}.
+Curves go to the run's logger and to results.json (method_extras.pg) every `log_every` steps: the mean sampled loss
+against the loss of the current top-s mask on the same batch (is the policy's best guess improving?), δ, lr, mean
+and entropy of s, the mean of s per unit kind, the expected kept fraction of the prunable parameters against the
+budget's, and the expected per-layer sparsity. The final per-layer sparsity is plotted to
+<run dir>/layer_sparsity.{png,pdf}. `snapshot_steps` keeps s at those step counts (0: the init) in
+<run dir>/pg_s_step<N>.safetensors, so one run yields the top-s masks of several step counts
+(sweeps/pg_snapshots.py evaluates them).
 """
 from __future__ import annotations
 
@@ -24,10 +29,9 @@ import torch
 
 from prune.methods.base import PruneContext, PruningMethod
 from prune.methods.pg import state as ckpt
-from prune.methods.pg.init import RandomInit
+from prune.methods.pg.init import RandomInit, logit, on_budget
 from prune.methods.pg.plot import plot_layer_sparsity
 from prune.methods.pg.policy import entropy
-from prune.methods.pg.projection import project
 from prune.methods.pg.trainer import PGSettings, Trainer
 from prune.methods.pg.units import UnitTable
 from prune.plan import KeepPlan
@@ -50,17 +54,19 @@ class PolicyGradient(PruningMethod):
     def __init__(self, name: str = "pg", init=None, granularity: str = "width", allocation: str = "global",
                  budget: str = "single", gqa_unit: str = "query", n_segments: int = 120000, seq_len: int = 128,
                  checkpoint_every: int = 50, resume: bool = False, log_every: int = 10, out_dir: str | None = None,
-                 plot: bool = True, **settings):
+                 plot: bool = True, snapshot_steps: list[int] | None = None, **settings):
         super().__init__(name)
         self.granularity = granularity
         self.init = init if init is not None else RandomInit()
         self.allocation, self.budget_mode, self.gqa_unit = allocation, budget, gqa_unit
         self.n_segments, self.seq_len = n_segments, seq_len
         self.checkpoint_every, self.resume, self.log_every = checkpoint_every, resume, log_every
-        self.out_dir, self.plot = out_dir, plot
+        self.out_dir, self.plot, self.snapshot_steps = out_dir, plot, set(snapshot_steps or [])
         self.cfg = self.settings_cls(**settings)
         if self.cfg.nan_policy not in ("stop", "skip"):
             raise ValueError(f"nan_policy={self.cfg.nan_policy!r}: choose stop (paper) or skip (released code)")
+        if self.cfg.baseline == "loo" and self.cfg.n_samples < 2:
+            raise ValueError(f"baseline=loo (leave-one-out) needs n_samples >= 2, got {self.cfg.n_samples}")
         self.on_step = None  # test hook: called with the step index after each step
 
     def table(self, ctx: PruneContext) -> UnitTable:
@@ -92,13 +98,17 @@ class PolicyGradient(PruningMethod):
             if self.resume:
                 log.warning("pg: resume=true but no checkpoint in %s; starting fresh", out_dir)
             with ctx.meter.stage("pg_init"):
-                s = self.init.init(ctx, table, stages[0][0], self.cfg.projection_metric).double()
+                s = self.init.init(ctx, table, stages[0][0]).double()
 
         def save(step):
             if out_dir:
                 ckpt.save_state(out_dir, s, gen, {"step": step, "curves": curves, "sparsity_curve": sparsity_curve,
                                                   "skipped": skipped, "baseline": trainer.baseline.history,
                                                   "fingerprint": fingerprint})
+
+        def snapshot(step):
+            if out_dir and step in self.snapshot_steps:
+                ckpt.save_snapshot(out_dir, step, s)
 
         bounds, acc = [], 0
         for r, n in stages:
@@ -107,10 +117,11 @@ class PolicyGradient(PruningMethod):
         t0 = time.perf_counter()
         with ctx.meter.stage("pg_optimize"), trainer:
             for step in range(start, total):
+                snapshot(step)
                 lo, _, r = next(b for b in bounds if b[0] <= step < b[1])
                 budget = table.budget(r)
-                if step == lo and lo > 0:  # a new Random-Progressive stage: tighten the budget
-                    s = project(s, table.cost, budget, table.group, self.cfg.projection_metric)
+                if step == lo and lo > 0:  # a new Random-Progressive stage: shift s onto the tighter budget
+                    s = on_budget(logit(s), table.cost, budget, table.group)
                 rows = order[(torch.arange(B) + step * B) % len(data)]
                 out = trainer.step(s, data[rows], budget, step, total)
                 if not out["finite"]:
@@ -122,22 +133,29 @@ class PolicyGradient(PruningMethod):
                             f"or pg nan_policy=skip as the released code does).")
                     skipped += 1
                     log.warning("pg: non-finite loss at step %d skipped", step)
-                s = out["s"]
                 if step % self.log_every == 0 or step == total - 1:
-                    rec = {"step": step, "loss": out["loss"], "delta": out["delta"], "lr": out["lr"],
-                           "s_mean": float(s.mean()), "s_entropy": entropy(s), "stage_ratio": r}
+                    # the top-s mask of the s this step was sampled from, on the same batch as the samples
+                    top_loss = float(trainer.losses(data[rows], table.mask_from_plan(table.final_plan(s, r))[None])[0])
+                    rec = {"step": step, "loss": out["loss"], "top_s_loss": top_loss, "delta": out["delta"],
+                           "lr": out["lr"], "s_mean": float(s.mean()), "s_entropy": entropy(s),
+                           "kept_fraction": table.kept_fraction(s),
+                           "budget_fraction": float(budget.sum() / table.group_cost.sum()), "stage_ratio": r,
+                           **{f"s_mean_{k}": v for k, v in table.kind_means(s).items()}}
                     curves.append(rec)
                     expected = table.expected_layer_sparsity(s)
                     sparsity_curve.append({"step": step, "expected": expected})
                     ctx.logger.log({**{f"{self.name}/{k}": v for k, v in rec.items() if k != "step"},
                                     **{f"{self.name}/expected_sparsity/layer_{i:02d}": e
                                        for i, e in zip(table.layers, expected)}}, step=step)
-                    log.info("pg step %d/%d loss %.4f delta %.4f mean(s) %.4f H(s) %.4f (%.1f s)", step, total,
-                             rec["loss"], rec["delta"], rec["s_mean"], rec["s_entropy"], time.perf_counter() - t0)
+                    log.info("pg step %d/%d loss %.4f top-s %.4f delta %.4f kept %.4f/%.4f H(s) %.4f (%.1f s)",
+                             step, total, rec["loss"], top_loss, rec["delta"], rec["kept_fraction"],
+                             rec["budget_fraction"], rec["s_entropy"], time.perf_counter() - t0)
+                s = out["s"]
                 if self.checkpoint_every and (step + 1) % self.checkpoint_every == 0:
                     save(step + 1)
                 if self.on_step:
                     self.on_step(step)
+        snapshot(total)
         save(total)
         plan = table.final_plan(s, ctx.ratio)
         self.s = s
@@ -147,8 +165,10 @@ class PolicyGradient(PruningMethod):
             "settings": {**asdict(self.cfg), "granularity": self.granularity, "allocation": self.allocation,
                          "budget": self.budget_mode, "gqa_unit": self.gqa_unit, "n_segments": len(data)},
             "curves": curves, "expected_layer_sparsity": sparsity_curve, "layers": table.layers,
-            "final_s": {"mean": float(s.mean()), "entropy": entropy(s),
+            "final_s": {"mean": float(s.mean()), "entropy": entropy(s), "kind_means": table.kind_means(s),
+                        "kept_fraction": table.kept_fraction(s),
                         "frac_near_binary": float(((s < 0.05) | (s > 0.95)).double().mean())},
+            "snapshots": sorted(x for x in self.snapshot_steps if x <= total),
         }
         if self.plot and out_dir:
             ctx.extras["pg"]["plot"] = plot_layer_sparsity(

@@ -1,28 +1,40 @@
-"""proj_C: Euclidean-type projection onto C = {cᵀs ≤ K, 0 ≤ s ≤ 1}, one such constraint per budget group.
+"""proj_C and the projected step: keep-probabilities s stay in C = {cᵀs ≤ K, 0 ≤ s ≤ 1}, one such constraint per
+budget group.
 
 The paper's C is {1ᵀs ≤ K}: every unit counts 1. Our units have unequal parameter counts c_i (a SmolLM2 query head
 frees ~57x the weights of an MLP channel), so the budget is weighted: Σ c_i s_i ≤ K, with K the parameters kept.
 
-The projection minimises Σ a_i (s_i - z_i)² over C. KKT gives s_i = clip(z_i - v · c_i / a_i, 0, 1) with v ≥ 0 the
+`project` minimises Σ a_i (s_i - z_i)² over C. KKT gives s_i = clip(z_i - v · c_i / a_i, 0, 1) with v ≥ 0 the
 multiplier, found by bisection so that the budget is met (v = 0 when clip(z, 0, 1) is already feasible).
-- metric="param" (default): a_i = c_i, i.e. the Euclidean norm in parameter space, where unit i stands for c_i
-  parameters sharing one probability. The shift is uniform, clip(z - v, 0, 1): the paper's formula unchanged.
 - metric="euclid": a_i = 1, the plain Euclidean projection; the shift is v · c_i, so big units move faster.
-With equal costs both reduce to the paper's projection.
+- metric="param": a_i = c_i, the norm in parameter space; the shift is uniform, clip(z - v, 0, 1).
+
+`projected_step` is one update s <- proj_C(s - lr · P g). Its fixed point must be the budget-constrained optimum of
+the expected loss, where every undecided unit (0 < s_i < 1) has the same gradient *per parameter* g_i / c_i (KKT of
+min Φ(s) s.t. Σ c_i s_i ≤ K). Two updates reach it:
+- "euclid": P = I with the Euclidean projection; at the fixed point g_i = -v c_i / lr.
+- "param": P = diag(c̄ / c_i) (c̄ the mean unit cost, so a unit of average size takes the plain step) with the
+  parameter-metric projection: the mirror step of the c-weighted norm; at the fixed point g_i c̄ / c_i = -v / lr.
+The raw step s - lr g followed by the parameter-metric projection (what this module did before) stops where the
+*raw* gradients are equal instead: a query head, worth ~57 channels' parameters, then always outbids a channel
+(on a separable toy it kept 99.5% of heads and 20% of channels against an optimum of ~61% / 63%).
+With equal costs every variant is the paper's projected step.
 """
 from __future__ import annotations
 
 import torch
 
+METRICS = ("euclid", "param")
+
 
 def project(z: torch.Tensor, cost: torch.Tensor, budget: torch.Tensor, group: torch.Tensor | None = None,
-            metric: str = "param", iters: int = 64) -> torch.Tensor:
+            metric: str = "euclid", iters: int = 64) -> torch.Tensor:
     """z, cost: (n,); budget: (G,) kept cost allowed per group; group: (n,) long in [0, G) (None: one group).
 
     Returns s (n,), same dtype as z, with Σ_{group g} c_i s_i ≤ budget[g] (up to float rounding).
     """
-    if metric not in ("param", "euclid"):
-        raise ValueError(f"projection metric={metric!r}: choose param or euclid")
+    if metric not in METRICS:
+        raise ValueError(f"projection metric={metric!r}: choose one of {METRICS}")
     dtype = z.dtype
     z, cost = z.double(), cost.double()
     budget = torch.as_tensor(budget, dtype=torch.float64).reshape(-1)
@@ -47,3 +59,12 @@ def project(z: torch.Tensor, cost: torch.Tensor, budget: torch.Tensor, group: to
         hi = torch.where(over, hi, mid)
     v = torch.where(active, hi, torch.zeros_like(hi))  # hi is always on the feasible side
     return (z - v[group] * w).clamp(0, 1).to(dtype)
+
+
+def projected_step(s: torch.Tensor, g: torch.Tensor, lr: float, cost: torch.Tensor, budget: torch.Tensor,
+                   group: torch.Tensor | None = None, metric: str = "euclid") -> torch.Tensor:
+    """s, g: (n,) -> proj_C(s - lr · P g) (see the module docstring for P per metric)."""
+    if metric == "param":
+        cost = cost.double()
+        g = g.double() * (cost.mean() / cost)
+    return project(s.double() - lr * g.double(), cost, budget, group, metric)

@@ -2,7 +2,8 @@
 
 <dir>/pg_state.safetensors: s (n,) float64, rng (the mask sampler's torch.Generator state, uint8)
 <dir>/pg_state.json: step, stage, baseline history, curves, and a fingerprint of the settings that must match on resume.
-Both files are written to temporaries and renamed, so a kill during a save leaves the previous checkpoint intact.
+<dir>/pg_s_step<N>.safetensors: s after N steps (snapshot_steps), for evaluating several step counts of one run.
+Both state files are written to temporaries and renamed, so a kill during a save leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
@@ -41,3 +42,17 @@ def load_state(path: str, gen: torch.Generator, fingerprint: dict) -> tuple[torc
                          f"Use the original settings or a fresh run directory (resume=false).")
     gen.set_state(tensors["rng"])
     return tensors["s"], scalars
+
+
+def snapshot_path(path: str, step: int) -> str:
+    return os.path.join(path, f"pg_s_step{step:06d}.safetensors")
+
+
+def save_snapshot(path: str, step: int, s: torch.Tensor) -> None:
+    os.makedirs(path, exist_ok=True)
+    save_file({"s": s.double().contiguous()}, snapshot_path(path, step) + ".tmp")
+    os.replace(snapshot_path(path, step) + ".tmp", snapshot_path(path, step))
+
+
+def load_snapshot(path: str, step: int) -> torch.Tensor:
+    return load_file(snapshot_path(path, step))["s"]

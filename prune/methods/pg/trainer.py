@@ -17,7 +17,7 @@ import torch
 
 from prune.masks import Masker
 from prune.methods.pg.policy import Baseline, learning_rate, sample_masks, score_gradient
-from prune.methods.pg.projection import project
+from prune.methods.pg.projection import projected_step
 from prune.methods.pg.sparse import SparseSubnet
 from prune.methods.pg.units import UnitTable
 
@@ -31,13 +31,13 @@ class PGSettings:
     eps: float = 1e-2  # clamp of s in the score function
     score_scale: str = "paper"
     reg: float = 0.0
-    baseline: str = "window"
+    baseline: str = "ema"
     lr_schedule: str = "constant"
     warmup: int = 0
     nan_policy: str = "stop"  # stop (paper) | skip (released code)
     sparse_forward: bool = False
     batched: bool = False
-    projection_metric: str = "param"
+    projection_metric: str = "euclid"
     sample_clamped: bool = True  # draw masks from Bernoulli(clamp(s, eps, 1 - eps)), see step()
 
 
@@ -116,9 +116,8 @@ class Trainer:
         losses = self.losses(batch, m)
         if not torch.isfinite(losses).all():
             return {"s": s, "loss": float(losses.mean()), "delta": self.baseline.value, "lr": 0.0, "finite": False}
-        mean = float(losses.mean())
-        delta = self.baseline.advantage_baseline(mean)
-        g = score_gradient(s, m, losses, delta, cfg.eps, cfg.score_scale, cfg.reg)
+        deltas = self.baseline.deltas(losses)
+        g = score_gradient(s, m, losses, deltas, cfg.eps, cfg.score_scale, cfg.reg)
         lr = learning_rate(cfg.lr, step, total, cfg.lr_schedule, cfg.warmup)
-        s = project(s - lr * g, self.table.cost, budget, self.table.group, cfg.projection_metric)
-        return {"s": s, "loss": mean, "delta": delta, "lr": lr, "finite": True}
+        s = projected_step(s, g, lr, self.table.cost, budget, self.table.group, cfg.projection_metric)
+        return {"s": s, "loss": float(losses.mean()), "delta": float(deltas.mean()), "lr": lr, "finite": True}

@@ -61,6 +61,7 @@ class UnitTable:
         _, self.group = torch.unique(torch.tensor(group), return_inverse=True)
         self.n_groups = int(self.group.max()) + 1
         self.group_cost = torch.zeros(self.n_groups, dtype=torch.float64).index_add_(0, self.group, self.cost)
+        self.kind_index = {k: torch.tensor([u for u, kk in enumerate(kind) if kk == k]) for k in dict.fromkeys(kind)}
 
     def budget(self, ratio: float) -> torch.Tensor:
         """(G,) cost each budget group keeps so that the model loses `ratio` of its total parameters."""
@@ -100,6 +101,29 @@ class UnitTable:
             plan.heads[i] = torch.nonzero(k).flatten().tolist()
             plan.channels[i] = torch.nonzero(keep[c]).flatten().tolist()
         return plan
+
+    def mask_from_plan(self, plan: KeepPlan) -> torch.Tensor:
+        """KeepPlan -> binary unit mask (n,) float32 (a KV group counts as kept while any of its heads is)."""
+        m = torch.zeros(self.n)
+        for i in self.layers:
+            a, c = self.slices[i]
+            if self.granularity == "depth":
+                m[a.start] = float(i not in plan.removed_layers)
+                continue
+            info = self.s.layers[i]
+            h = torch.zeros(info.n_heads, dtype=torch.bool)
+            h[plan.heads[i]] = True
+            m[a] = (h.view(-1, info.group_size).any(1) if self.gqa_unit == "group" else h).float()
+            m[c.start + torch.tensor(plan.channels[i], dtype=torch.long)] = 1.0
+        return m
+
+    def kept_fraction(self, s: torch.Tensor) -> float:
+        """Expected fraction of the prunable parameters kept under keep-probabilities s."""
+        return float((self.cost * s.double()).sum() / self.group_cost.sum())
+
+    def kind_means(self, s: torch.Tensor) -> dict[str, float]:
+        """Mean keep-probability per unit kind: {"h" query heads | "g" KV groups, "c" channels, "l" layers}."""
+        return {k: float(s[idx].double().mean()) for k, idx in self.kind_index.items()}
 
     def final_plan(self, scores: torch.Tensor, ratio: float) -> KeepPlan:
         """Deterministic mask: in each budget group remove the lowest-scored units until its share of the removed
