@@ -107,6 +107,7 @@ def test_baselines_follow_eq8_window_and_leave_one_out():
     assert loo.deltas(torch.tensor([1.0, 2.0, 6.0])).tolist() == [4.0, 3.5, 1.5]  # the mean of the others
     with pytest.raises(ValueError, match="n_samples >= 2"):
         loo.deltas(torch.tensor([1.0]))
+    assert Baseline("none").deltas(torch.tensor([3.0, 5.0])).tolist() == [0.0, 0.0]  # Table A13's "w/o"
 
 
 class ToyTrainer(Trainer):

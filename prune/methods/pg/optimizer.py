@@ -12,7 +12,8 @@ Checkpoints: every `checkpoint_every` steps and when a non-finite loss stops the
 (Hydra's output dir). resume=true continues from it with the same RNG state and data position, so the final mask
 equals an uninterrupted run's. nan_policy=skip (released code) skips such batches instead.
 Curves go to the run's logger and to results.json (method_extras.pg) every `log_every` steps: the mean sampled loss
-against the loss of the current top-s mask on the same batch (is the policy's best guess improving?), δ, lr, mean
+and the loss of the current top-s mask on a fixed held-out probe batch (is the policy's best guess improving? one
+batch drawn after the n_segments training rows, so batch-to-batch difficulty does not hide the trend), δ, lr, mean
 and entropy of s, the mean of s per unit kind, the expected kept fraction of the prunable parameters against the
 budget's, and the expected per-layer sparsity. The final per-layer sparsity is plotted to
 <run dir>/layer_sparsity.{png,pdf}. `snapshot_steps` keeps s at those step counts (0: the init) in
@@ -76,8 +77,9 @@ class PolicyGradient(PruningMethod):
         out_dir = self.out_dir or hydra_run_dir()
         table = self.table(ctx)
         table.budget(ctx.ratio)  # fails early on an infeasible ratio
-        data = ctx.calib(n_samples=self.n_segments, seq_len=self.seq_len)  # (n_segments, T)
         B = self.cfg.batch_size
+        data = ctx.calib(n_samples=self.n_segments + B, seq_len=self.seq_len)  # (n_segments + B, T)
+        data, probe = data[:-B], data[-B:]  # probe: a held-out batch on which the curves measure the top-s mask
         epoch = max(1, len(data) // B)
         stages = self.init.stages(ctx.ratio, epoch)
         total = sum(n for _, n in stages)
@@ -134,8 +136,8 @@ class PolicyGradient(PruningMethod):
                     skipped += 1
                     log.warning("pg: non-finite loss at step %d skipped", step)
                 if step % self.log_every == 0 or step == total - 1:
-                    # the top-s mask of the s this step was sampled from, on the same batch as the samples
-                    top_loss = float(trainer.losses(data[rows], table.mask_from_plan(table.final_plan(s, r))[None])[0])
+                    # the top-s mask of the s this step was sampled from, on the held-out probe batch
+                    top_loss = float(trainer.losses(probe, table.mask_from_plan(table.final_plan(s, r))[None])[0])
                     rec = {"step": step, "loss": out["loss"], "top_s_loss": top_loss, "delta": out["delta"],
                            "lr": out["lr"], "s_mean": float(s.mean()), "s_entropy": entropy(s),
                            "kept_fraction": table.kept_fraction(s),

@@ -10,6 +10,7 @@ Paper (default) vs the released code (ethanygao/backprop-free_LLM_pruning, prune
   "window": δ = the mean of the previous T steps' mean losses (the current mean at step 0).
   "loo" (ours, in neither the paper nor the code): leave-one-out, δ_n = the mean loss of the *other* N_s - 1
   samples on the same batch, so the batch's difficulty cancels out of every advantage (needs N_s >= 2).
+  "none": δ = 0, the paper's "w/o moving average baseline" ablation (Table A13).
 - lr_schedule="constant" (paper: SGD, lr 2e-3). "cosine" (released): linear warm-up, then cosine annealing to 0 at
   the last step (the released Adam objects are never stepped, so this is plain SGD too).
 In every case s is clamped to [eps, 1 - eps] inside the score function so it stays finite.
@@ -46,11 +47,11 @@ def score_gradient(s: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor, d
 class Baseline:
     """The loss baseline; its state `history` is a list of floats (JSON in checkpoints)."""
 
-    KINDS = ("ema", "window", "loo")
+    KINDS = ("ema", "window", "loo", "none")
 
     def __init__(self, kind: str = "ema", window: int = 5):
         if kind not in self.KINDS:
-            raise ValueError(f"baseline={kind!r}: choose ema (paper Eq. 8), window or loo (leave-one-out)")
+            raise ValueError(f"baseline={kind!r}: choose ema (paper Eq. 8), window, loo (leave-one-out) or none")
         self.kind, self.window = kind, window
         self.history: list[float] = []  # ema: [δ]; window: the last T step means; loo: [last step's mean loss]
 
@@ -58,6 +59,8 @@ class Baseline:
         """losses (N,) of this step's samples -> the baseline of each sample (N,); advances the state."""
         losses = losses.double()
         mean, N = float(losses.mean()), losses.numel()
+        if self.kind == "none":
+            return torch.zeros(N, dtype=torch.float64)
         if self.kind == "loo":
             if N < 2:
                 raise ValueError("baseline=loo needs n_samples >= 2 masks per batch")

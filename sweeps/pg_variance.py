@@ -1,0 +1,87 @@
+"""Variance of the policy-gradient estimate under each loss baseline, side by side on the same samples.
+
+    python sweeps/pg_variance.py --steps 40 -- init=wanda_sp ratio=0.3 ratio_of=layers layer_range=all
+
+s is held at the init (no update), so every step's estimate is a draw of the same random vector: for step k the
+same N_s masks and losses on calibration batch k feed every baseline (ema: Eq. (8) from 0; loo: leave-one-out;
+window; none), each with its own state. Prints, per baseline, Σ_i Var(g_i) over the steps (the total variance
+of the estimate), the norm of its mean ||E g|| (what the steps average towards) and the mean |advantage|. The
+first `--burn-in` steps only advance the EMA/window states (they start from 0 / empty). Overrides after `--` go
+to Hydra (method=pg is implied).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--burn-in", type=int, default=10)
+    a = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+
+    import torch
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from prune.allocation import model_ratio
+    from prune.memory import StageMeter
+    from prune.methods.base import PruneContext
+    from prune.methods.pg.policy import Baseline, sample_masks, score_gradient
+    from prune.models import load_model, resolve_device, resolve_dtype
+    from prune.pipeline import build_method
+    from prune.structure import discover
+
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["method=pg", *overrides])
+    method = build_method(cfg)
+    model, tok = load_model(cfg.model, resolve_dtype(cfg.dtype), resolve_device(cfg.device), cfg.seed)
+    st = discover(model)
+    ratio = model_ratio(st, float(cfg.ratio), cfg.ratio_of)
+    ctx = PruneContext(model, tok, st, ratio, cfg.layer_range.first, cfg.layer_range.last, cfg.allocation,
+                       OmegaConf.to_container(cfg.calibration, resolve=True), cfg.data.root, cfg.seed, StageMeter("cpu"))
+    table = method.table(ctx)
+    s = method.init.init(ctx, table, ratio).double()
+    pc = method.cfg
+    data = ctx.calib(n_samples=(a.steps + a.burn_in) * pc.batch_size, seq_len=method.seq_len)  # (K*B, T)
+    kinds = ("ema", "loo", "window", "none")
+    bases = {k: Baseline(k, pc.window) for k in kinds}
+    acc = {k: {"sum": torch.zeros(table.n, dtype=torch.float64), "sq": torch.zeros(table.n, dtype=torch.float64),
+               "adv": 0.0} for k in kinds}
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    trainer = method.trainer_cls(model, table, pc, gen)
+    with trainer:
+        for k in range(a.steps + a.burn_in):
+            batch = data[k * pc.batch_size:(k + 1) * pc.batch_size]
+            m = sample_masks(s.clamp(pc.eps, 1 - pc.eps), pc.n_samples, gen)
+            losses = trainer.losses(batch, m)
+            for kind in kinds:
+                d = bases[kind].deltas(losses)
+                if k < a.burn_in:
+                    continue
+                g = score_gradient(s, m, losses, d, pc.eps, pc.score_scale, pc.reg)
+                acc[kind]["sum"] += g
+                acc[kind]["sq"] += g * g
+                acc[kind]["adv"] += float((losses - d).abs().mean())
+            print(f"step {k}: losses {[round(float(x), 4) for x in losses]}", flush=True)
+    n = a.steps
+    out = {}
+    for kind in kinds:
+        mean = acc[kind]["sum"] / n
+        var = acc[kind]["sq"] / n - mean ** 2
+        out[kind] = {"total_variance": float(var.sum() * n / (n - 1)), "mean_norm": float(mean.norm()),
+                     "mean_abs_advantage": acc[kind]["adv"] / n}
+    print(json.dumps({"steps": n, "n_samples": pc.n_samples, "units": table.n, **out}, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
