@@ -22,6 +22,7 @@ from prune.methods.pg.projection import project, projected_step
 from prune.methods.pg.trainer import PGSettings, Trainer, token_losses
 from prune.methods.pg.units import UnitTable
 from prune.methods.simple import Magnitude
+from prune.structure import ModelStructure, discover
 from tests.conftest import ROOT, tiny_model
 
 
@@ -442,9 +443,8 @@ def test_layerwise_ppl_scores_match_sliced_models_and_sleb_agrees_first(data_roo
         m = copy.deepcopy(ctx.model)
         plan = KeepPlan.full(ctx.structure)
         plan.removed_layers = [i]
-        apply_plan(m, ctx.structure.__class__(ctx.structure.arch, ctx.structure.spec,
-                                              __import__("prune.structure").structure.discover(m).layers,
-                                              ctx.structure.total_params), plan)
+        apply_plan(m, ModelStructure(ctx.structure.arch, ctx.structure.spec, discover(m).layers,
+                                     ctx.structure.total_params), plan)
         assert v == pytest.approx(window_nll(m, batch, 8).mean().item(), abs=1e-4)
     plan = lw.plan(ctx)
     assert plan.removed_layers == [min(scores, key=scores.get)]  # 0.2 of the model is one layer of four
