@@ -29,7 +29,6 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--max-windows", type=int, default=None, help="default: the run's evaluate.ppl.max_windows")
     args = ap.parse_args(argv)
 
-    import torch
     from omegaconf import OmegaConf
 
     from evaluate.ppl import window_nll
