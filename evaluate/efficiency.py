@@ -8,7 +8,8 @@
   on CUDA max_memory_allocated minus what was allocated before the call; on CPU the process
   resident high-water mark over the call minus the resident size before it (after malloc_trim),
   which is approximate. Both exclude anything else resident, so dense and pruned compare fairly.
-- latency: median (and min/max) wall time of `repeats` forward passes after `warmup` untimed ones.
+- latency: median (and min/max) wall time of `repeats` forward passes after `warmup` untimed ones,
+  timed with torch.utils.benchmark.Timer at the process's thread count.
 The dense reference is measured by the pipeline right after loading (before any slicing), the
 pruned model after pruning/recovery; `report` pairs them with pruned/dense ratios.
 """
@@ -16,12 +17,13 @@ from __future__ import annotations
 
 import ctypes
 import statistics
-import time
 
 import torch
+from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from prune.memory import _read_hwm, _reset_hwm, proc_status_bytes
+from prune.structure import num_params
 
 
 def _sdpa_cpu(q_shape, k_shape, v_shape, *args, **kwargs) -> int:
@@ -42,10 +44,6 @@ def _inputs(model, batch: int, seq_len: int, seed: int = 0) -> torch.Tensor:
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def num_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @torch.no_grad()
@@ -88,16 +86,12 @@ def peak_memory(model, batch: int, seq_len: int) -> dict:
 
 @torch.no_grad()
 def latency(model, batch: int, seq_len: int, warmup: int = 3, repeats: int = 10) -> dict:
+    """torch.utils.benchmark.Timer (CUDA-synchronised) over single forward passes, at the process's thread
+    count (Timer's default is 1 thread, which is not how the model runs)."""
     x = _inputs(model, batch, seq_len)
-    for _ in range(warmup):
-        model(input_ids=x)
-    times = []
-    for _ in range(repeats):
-        _sync(x.device)
-        t0 = time.perf_counter()
-        model(input_ids=x)
-        _sync(x.device)
-        times.append(time.perf_counter() - t0)
+    timer = Timer("model(input_ids=x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads())
+    timer.timeit(warmup)
+    times = [timer.timeit(1).mean for _ in range(repeats)]
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
 
 

@@ -64,6 +64,17 @@ def data_files(rendered: str, task: str) -> list[str]:
     return sorted(files)
 
 
+def render_for_run(root: str, out_dir: str | None) -> str:
+    """evaluate/tasks rendered for `root` into <out_dir>/lm_eval_tasks (a temporary folder when out_dir is None)."""
+    return render_tasks(root, os.path.join(out_dir or tempfile.mkdtemp(prefix="lm_eval_"), "lm_eval_tasks"))
+
+
+def missing_files(rendered: str, tasks: list[str]) -> dict[str, list[str]]:
+    """{task: its local data files that do not exist}, for the tasks that lack any."""
+    out = {t: [f for f in data_files(rendered, t) if not os.path.isfile(f)] for t in tasks}
+    return {t: m for t, m in out.items() if m}
+
+
 def task_manager(tasks: list[str], data_root: str | None, out_dir: str | None):
     """A TaskManager that knows `tasks`; raises FileNotFoundError naming any missing local file.
     The rendered task folder goes to <out_dir>/lm_eval_tasks (a temporary folder when out_dir is None)."""
@@ -72,11 +83,10 @@ def task_manager(tasks: list[str], data_root: str | None, out_dir: str | None):
     root = resolve_root(data_root)
     if root is None:
         return TaskManager()
-    dest = os.path.join(out_dir or tempfile.mkdtemp(prefix="lm_eval_"), "lm_eval_tasks")
-    rendered = render_tasks(root, dest)
-    missing = [(t, f) for t in tasks for f in data_files(rendered, t) if not os.path.isfile(f)]
+    rendered = render_for_run(root, out_dir)
+    missing = missing_files(rendered, tasks)
     if missing:
-        lines = "\n".join(f"  {t}: {f}" for t, f in missing)
+        lines = "\n".join(f"  {t}: {f}" for t, files in missing.items() for f in files)
         raise FileNotFoundError(
             f"lm-eval tasks need local files that are missing under data.root={data_root!r}:\n{lines}\n"
             f"Add them in the hub's field layout, drop those tasks from evaluate.tasks, or set data.root=null "

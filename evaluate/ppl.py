@@ -5,6 +5,7 @@ The split's rows are joined with "\\n\\n", tokenized once and cut into non-overl
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from prune.data import eval_tokens
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -34,5 +37,6 @@ def perplexity(model, tokenizer, dataset: str, split: str, root: str | None, seq
     windows = ids[: n * seq_len].view(n, seq_len)  # (n_windows, T)
     if max_windows:
         windows = windows[:max_windows]
+    log.info("ppl %s/%s: %d of %d windows (%d tokens)", dataset, split, len(windows), n, len(windows) * seq_len)
     nll = window_nll(model, windows, batch_size, desc=f"ppl {dataset}")
     return {"ppl": math.exp(nll.mean().item()), "windows": len(windows), "tokens": ids.numel()}

@@ -37,11 +37,17 @@ def model_ratio(s: ModelStructure, ratio: float, ratio_of: str = "model") -> flo
     return ratio if ratio_of == "model" else ratio * s.layer_params / s.total_params
 
 
+def widen_hint(first: int, last: int) -> str:
+    """The fix for a budget the layer range cannot hold: layer_range=all, unless every layer is already prunable."""
+    return "lower the ratio or widen layer_range (e.g. layer_range=all)" if first or last else \
+        "lower the ratio (layer_range=all already makes every layer prunable)"
+
+
 def prunable_layers(s: ModelStructure, first: int, last: int) -> list[int]:
     """Layers inside the range: the first `first` and the last `last` layers are kept whole."""
     if first < 0 or last < 0 or first + last >= s.num_layers:
         raise InfeasibleRatio(f"layer_range keeps the first {first} and last {last} of {s.num_layers} layers, "
-                              f"leaving none to prune; use a smaller layer_range")
+                              f"leaving none to prune; use layer_range=all")
     return list(range(first, s.num_layers - last))
 
 
@@ -66,7 +72,7 @@ def check_feasible(s: ModelStructure, ratio: float, first: int, last: int, heads
         raise InfeasibleRatio(
             f"ratio={ratio} asks to remove {ratio * s.total_params:,.0f} parameters, but layers {layers[0]}-{layers[-1]} "
             f"hold only {cap:,} prunable ones ({cap / s.total_params:.3f} of the model). "
-            f"Lower the ratio or widen layer_range (e.g. layer_range=all).")
+            f"{widen_hint(first, last).capitalize()}.")
 
 
 def _lowest(scores: torch.Tensor, k: int) -> list[int]:

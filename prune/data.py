@@ -55,7 +55,10 @@ def check_root(root: str | None) -> None:
             f"holding text/ and tasks/ (e.g. data.root=../shared/data), or set data.root=null to use the hub.")
 
 
-def _read_local(name: str, split: str, root: str) -> list[str]:
+def corpus_files(name: str, split: str, root: str) -> list[str]:
+    """The local files of a corpus split under the resolved `root`; FileNotFoundError names what is missing."""
+    if name not in CORPORA:
+        raise ValueError(f"Unknown dataset '{name}'; choose one of {sorted(CORPORA)}")
     corpus = CORPORA[name]
     if split not in corpus.local:
         raise FileNotFoundError(f"No local file for {name} split '{split}' under {root}; "
@@ -63,12 +66,32 @@ def _read_local(name: str, split: str, root: str) -> list[str]:
     files = sorted(glob.glob(os.path.join(root, corpus.local[split])))
     if not files:
         raise FileNotFoundError(f"{os.path.join(root, corpus.local[split])} is missing")
+    return files
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Every non-blank line of a JSONL file; a line that does not parse raises ValueError naming file and line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg}, column {e.colno}); "
+                                     f"the file is truncated or corrupt, restore it") from None
+    return out
+
+
+def _read_local(name: str, split: str, root: str) -> list[str]:
+    corpus = CORPORA[name]
     rows: list[str] = []
-    for path in files:
+    for path in corpus_files(name, split, root):
+        if path.endswith(".jsonl"):
+            rows += [r[corpus.field] for r in read_jsonl(path)]
+            continue
         with open(path, encoding="utf-8") as f:
-            if path.endswith(".jsonl"):
-                rows += [json.loads(line)[corpus.field] for line in f if line.strip()]
-            elif name == "wikitext2":  # the hub builder's rows: each line with its "\n", blank lines as ""
+            if name == "wikitext2":  # the hub builder's rows: each line with its "\n", blank lines as ""
                 rows += [line if line.strip() else "" for line in f]
             elif name == "bookcorpus":
                 rows.append(f.read())  # one row per book; calibration cuts random windows from it
@@ -107,9 +130,11 @@ def calibration_batch(tokenizer, name: str, n_samples: int, seq_len: int, seed: 
         if name != "wikitext2" or resolve_root(root) is None:
             raise
         log.warning("No local WikiText-2 train split: calibrating on the test split, which overlaps evaluation text.")
-        rows = load_rows(name, "test", root)
+        split = "test"
+        rows = load_rows(name, split, root)
     if name == "wikitext2":  # short rows: calibrate on the joined text, as SLEB/FLAP do
         rows = ["\n\n".join(rows)]
+    log.info("calibrate: %d samples x %d tokens from %s/%s (seed %d)", n_samples, seq_len, name, split, seed)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(rows), generator=gen).tolist()
     samples, tried = [], 0
@@ -128,6 +153,16 @@ def calibration_batch(tokenizer, name: str, n_samples: int, seq_len: int, seed: 
         start = int(torch.randint(0, ids.numel() - seq_len, (1,), generator=gen))
         samples.append(ids[start:start + seq_len])
     return torch.stack(samples)  # (N, T)
+
+
+def calibration_files(name: str, root: str) -> list[str]:
+    """The local files `calibration_batch` reads for `name` (WikiText-2 falls back to its test split)."""
+    try:
+        return corpus_files(name, "train", root)
+    except FileNotFoundError:
+        if name != "wikitext2":
+            raise
+        return corpus_files(name, "test", root)
 
 
 def eval_tokens(tokenizer, name: str, split: str, root: str | None) -> torch.Tensor:

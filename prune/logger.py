@@ -18,12 +18,12 @@ class NullLogger:
 class WandbLogger(NullLogger):
     """Hydra's resolved config is the run config; scalar results go to the summary."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, out_dir: str | None = None):
         import wandb
 
         self.wandb = wandb
         lc = cfg.logger
-        self.run = wandb.init(project=lc.project, group=lc.get("group"), mode=lc.mode, dir=lc.get("dir"),
+        self.run = wandb.init(project=lc.project, group=lc.get("group"), mode=lc.mode, dir=lc.get("dir") or out_dir,
                               name=f"{cfg.method.name}-{cfg.model.name}-r{cfg.ratio}",
                               config=OmegaConf.to_container(cfg, resolve=True))
 
@@ -50,9 +50,10 @@ def _flatten(d, prefix: str) -> dict:
     return out
 
 
-def make_logger(cfg: DictConfig):
+def make_logger(cfg: DictConfig, out_dir: str | None = None):
+    """`logger.dir` null: wandb writes its files (offline runs included) into the run's directory `out_dir`."""
     if cfg.logger.name == "none":
         return NullLogger()
     if cfg.logger.name == "wandb":
-        return WandbLogger(cfg)
+        return WandbLogger(cfg, out_dir)
     raise ValueError(f"logger={cfg.logger.name}: choose none or wandb")

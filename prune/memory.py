@@ -6,10 +6,13 @@ that reset is refused, the stage reports the process-lifetime peak and says so.
 """
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def proc_status_bytes(field: str) -> int:
@@ -42,7 +45,9 @@ class StageMeter:
         self.peak_is_lifetime: set[str] = set()
 
     @contextmanager
-    def stage(self, name: str):
+    def stage(self, name: str, detail: str = ""):
+        """Time and peak memory of the block; logs a line as the stage starts ("stage <name>: <detail>")."""
+        log.info("stage %s%s", name, f": {detail}" if detail else "")
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -10,17 +10,17 @@ import os
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from evaluate import check_evaluations, measure_dense_reference, run_evaluations
+from evaluate import measure_dense_reference, run_evaluations
 from prune.allocation import model_ratio, within_range_ratio
 from prune.checkpoint import save_pruned
 from prune.logger import make_logger
 from prune.memory import StageMeter
 from prune.methods.base import PruneContext
 from prune.models import load_model, resolve_device, resolve_dtype
+from prune.preflight import preflight
 from prune.results import summary, write_json
 from prune.slicing import apply_plan
 from prune.structure import discover, num_params
-from prune.validate import validate
 
 log = logging.getLogger(__name__)
 
@@ -31,21 +31,20 @@ def build_method(cfg: DictConfig):
 
 def run(cfg: DictConfig, out_dir: str) -> dict:
     method = build_method(cfg)
-    validate(cfg, method.granularity, method.heads, method.channels)
-    os.makedirs(out_dir, exist_ok=True)
-    check_evaluations(cfg, out_dir)  # missing lm-eval task files fail before the model loads
-    logger = make_logger(cfg)
+    notes = preflight(cfg, method, out_dir)  # every input error fails here, before the model loads
+    logger = make_logger(cfg, out_dir)
     device = resolve_device(cfg.device)
     meter = StageMeter(device)
     target = 0.0 if method.name == "dense" else float(cfg.ratio)
-    results = {"model": cfg.model.name, "method": method.name, "config": OmegaConf.to_container(cfg, resolve=True)}
+    results = {"model": cfg.model.name, "method": method.name, "config": OmegaConf.to_container(cfg, resolve=True),
+               **notes}
     path = os.path.join(out_dir, "results.json")
 
     def save():
         results.update(meter.as_dict())
         write_json(path, results)
 
-    with meter.stage("load"):
+    with meter.stage("load", f"{cfg.model.name} ({cfg.model.source}) on {device}, {cfg.dtype}"):
         model, tokenizer = load_model(cfg.model, resolve_dtype(cfg.dtype), device, cfg.seed)
     base_config = model.config.to_dict()
     measure_dense_reference(cfg, model, meter, results)  # efficiency report's dense side, before slicing
@@ -54,10 +53,11 @@ def run(cfg: DictConfig, out_dir: str) -> dict:
     ctx = PruneContext(model, tokenizer, s, ratio, cfg.layer_range.first, cfg.layer_range.last, cfg.allocation,
                        OmegaConf.to_container(cfg.calibration, resolve=True), cfg.data.root, cfg.seed, meter,
                        logger=logger)
-    with meter.stage("prune"):
+    with meter.stage("prune", f"{method.name} to {ratio:.4f} of the model's parameters, {cfg.allocation} allocation, layers "
+                     f"{ctx.first}-{s.num_layers - 1 - ctx.last} of {s.num_layers}"):
         plan = method.plan(ctx)
     plan.save(os.path.join(out_dir, "kept_units.json"))
-    with meter.stage("slice"):
+    with meter.stage("slice", "removing the pruned units from the weights"):
         apply_plan(model, s, plan)
     after = num_params(model)  # real parameters, also for methods that transform the model (manifest "transform")
     transformed = "transform" in ctx.manifest
@@ -78,7 +78,7 @@ def run(cfg: DictConfig, out_dir: str) -> dict:
         save()
     run_evaluations(cfg, model, tokenizer, meter, results, save, out_dir)
     if cfg.save_model:
-        with meter.stage("save"):
+        with meter.stage("save", os.path.join(out_dir, "model")):
             save_pruned(model, tokenizer, plan, base_config, os.path.join(out_dir, "model"),
                         {"pruning": OmegaConf.to_container(cfg, resolve=True), **ctx.manifest})
     save()

@@ -5,7 +5,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM
 
-from prune.allocation import InfeasibleRatio, check_feasible, model_ratio, prunable_layers
+from prune.allocation import InfeasibleRatio, check_feasible, model_ratio, prunable_layers, widen_hint
 from prune.data import check_root
 from prune.models import load_config, resolve_dtype
 from prune.structure import discover
@@ -35,6 +35,6 @@ def validate(cfg: DictConfig, granularity: str = "width", heads: bool = True, ch
         cap = sum(s.layers[i].num_params for i in layers)
         if ratio * s.total_params > cap:
             raise InfeasibleRatio(f"ratio={ratio} needs more parameters than layers {layers[0]}-{layers[-1]} hold "
-                                  f"({cap / s.total_params:.3f} of the model); lower the ratio or widen layer_range")
+                                  f"({cap / s.total_params:.3f} of the model); {widen_hint(first, last)}")
     else:
         check_feasible(s, ratio, first, last, heads, channels)

@@ -1,25 +1,34 @@
-"""LoRA fine-tuning of a (pruned) model with peft, then merge back into plain Linear weights.
+"""LoRA fine-tuning of a (pruned) model with peft and `transformers.Trainer`, then merge back into plain Linears.
 
 peft's target_modules="all-linear" wraps every nn.Linear of the decoder except the output head,
 whatever its width, so sliced layers of different sizes and HeadGather's inner `.proj` are adapted
 like any other. Adapter weights stay in float32 (peft's autocast_adapter_dtype) even on a bf16 base.
-The loss is a token-weighted mean over the response tokens of the whole effective batch, computed
-in float32; gradient accumulation splits that batch into micro-batches.
+
+Training is `transformers.Trainer`, as LLM-Pruner's post-training uses, so mixed precision
+(`recover.mixed_precision`), checkpointing and multi-GPU (accelerate / DeepSpeed launchers) come with it:
+- batches: `DataCollatorForSeq2Seq` right-pads input_ids and pads labels with -100, so only the
+  response tokens (prompt labels are -100 too, recover/prompting.py) carry loss;
+- loss: the model's own causal-LM loss (fp32 logits). With gradient accumulation the Trainer passes
+  the effective batch's token count (`num_items_in_batch`), so the loss is the token-weighted mean
+  over the response tokens of the whole effective batch, as the earlier hand-written loop computed;
+- optimiser: AdamW without weight decay, `recover.lr_scheduler` (cosine by default) with warm-up,
+  gradient-norm clipping at 1.0 (the Trainer's default, kept as LLM-Pruner does);
+- activation checkpointing through `activation_checkpointing` (transformers 5 renamed the
+  `gradient_checkpointing_*` API; the old names warn).
+Trainer checkpoints are off (`save_strategy="no"`): the pipeline saves the merged model itself.
 """
 from __future__ import annotations
 
 import logging
 import math
-import random
 import time
+import warnings
 
-import torch
-import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from tqdm import tqdm
-from transformers import get_cosine_schedule_with_warmup
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from recover.prompting import IGNORE, collate
+from recover.prompting import IGNORE
 
 log = logging.getLogger(__name__)
 
@@ -28,78 +37,77 @@ def attach_lora(model, r: int, alpha: float, dropout: float, target_modules="all
     """Wrap `model` in place with LoRA adapters; returns the PeftModel. Only adapter weights train."""
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft 0.21 still reads transformers' deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
-def response_loss(model, batch: dict, n_tokens: int) -> torch.Tensor:
-    """Sum of fp32 next-token NLL over labelled tokens, divided by `n_tokens` (the effective batch's count)."""
-    device = next(model.parameters()).device
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    labels = batch["labels"][:, 1:].to(device)
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="sum")
-    return nll / n_tokens
+def collator(tokenizer) -> DataCollatorForSeq2Seq:
+    """Pads a micro-batch: input_ids with the pad token, attention_mask with 0, labels with -100.
+    The tokenizer must pad on the right (train_lora sets it) so positions match unpadded training."""
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, return_tensors="pt")
 
 
-def train_step(model, optimizer, micro_batches: list[dict]) -> float:
-    """One optimiser step over micro-batches that form one effective batch; returns its mean token loss."""
-    n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
-    total = 0.0
-    for b in micro_batches:
-        loss = response_loss(model, b, max(n_tokens, 1))
-        loss.backward()
-        total += loss.item()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total
+def total_steps(n_examples: int, batch_size: int, epochs: int) -> int:
+    """Optimiser steps of `epochs` passes; the last, partial effective batch of an epoch is a step too."""
+    return math.ceil(n_examples / batch_size) * epochs
 
 
-def train_lora(peft_model, examples: list[dict], pad_id: int, *, lr: float, epochs: int, batch_size: int,
-               micro_batch_size: int, warmup_steps: int = 0, seed: int = 0, log_every: int = 1,
-               grad_checkpointing: bool = False) -> dict:
-    """Adam (no weight decay) + cosine decay over `epochs` passes of `examples`, shuffled per epoch.
+class _LossLog(TrainerCallback):
+    """Collects the Trainer's per-step logs as the loss curve and writes them to the run log."""
 
-    Returns {"loss_curve": [{step, epoch, loss, lr}], "steps", "time_s"}.
-    """
+    def __init__(self, total: int):
+        self.total, self.curve = total, []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.curve.append({"step": state.global_step, "epoch": state.epoch, "loss": logs["loss"],
+                               "lr": logs.get("learning_rate")})
+            log.info("lora step %d/%d epoch %.2f loss %.4f", state.global_step, self.total, state.epoch, logs["loss"])
+
+
+def train_lora(peft_model, examples: list[dict], tokenizer, out_dir: str, *, lr: float, epochs: int,
+               batch_size: int, micro_batch_size: int, warmup_steps: int = 0, seed: int = 0, log_every: int = 1,
+               grad_checkpointing: bool = False, lr_scheduler: str = "cosine",
+               mixed_precision: str | None = None) -> dict:
+    """Train the adapters on `examples` ({"input_ids", "labels"} lists). Returns {"loss_curve": [{step, epoch,
+    loss, lr}], "steps", "time_s"}. Warm-up longer than the run is cut to 10% of its steps (a few-hundred-row
+    run cannot hold the paper's 100 warm-up steps)."""
     if batch_size % micro_batch_size:
         raise ValueError(f"recover.batch_size={batch_size} must be a multiple of micro_batch_size={micro_batch_size}")
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(examples) / batch_size)
-    total = steps_per_epoch * epochs
-    if warmup_steps >= total:  # e.g. the paper's 100 warm-up steps on a few-hundred-sample run
+    if mixed_precision not in (None, "bf16", "fp16"):
+        raise ValueError(f"recover.mixed_precision={mixed_precision!r}: choose null, bf16 or fp16")
+    total = total_steps(len(examples), batch_size, epochs)
+    if warmup_steps >= total:
         log.warning("lora: warmup_steps=%d >= %d total steps; warming up over the first 10%% instead",
                     warmup_steps, total)
         warmup_steps = total // 10
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total)
-    if grad_checkpointing:
-        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    peft_model.train()
-    rng = random.Random(seed)
-    curve, step, t0 = [], 0, time.perf_counter()
-    bar = tqdm(total=total, desc="lora", leave=False)
+    device = next(peft_model.parameters()).device
+    args = TrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=micro_batch_size,
+        gradient_accumulation_steps=batch_size // micro_batch_size, num_train_epochs=epochs, learning_rate=lr,
+        lr_scheduler_type=lr_scheduler, warmup_steps=warmup_steps, weight_decay=0.0, optim="adamw_torch",
+        logging_strategy="steps", logging_steps=log_every, save_strategy="no", eval_strategy="no",
+        report_to="none", seed=seed, data_seed=seed, bf16=mixed_precision == "bf16",
+        fp16=mixed_precision == "fp16", activation_checkpointing=grad_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if grad_checkpointing else None,
+        dataloader_pin_memory=device.type == "cuda", remove_unused_columns=False)
+    losses = _LossLog(total)
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    rows = [{**e, "attention_mask": [1] * len(e["input_ids"])} for e in examples]
+    t0 = time.perf_counter()
     try:
-        for epoch in range(epochs):
-            order = list(range(len(examples)))
-            rng.shuffle(order)
-            for s in range(0, len(order), batch_size):
-                idx = order[s:s + batch_size]
-                micro = [collate([examples[i] for i in idx[m:m + micro_batch_size]], pad_id)
-                         for m in range(0, len(idx), micro_batch_size)]
-                loss = train_step(peft_model, optimizer, micro)
-                scheduler.step()
-                step += 1
-                curve.append({"step": step, "epoch": epoch + (s + len(idx)) / len(order), "loss": loss,
-                              "lr": scheduler.get_last_lr()[0]})
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}")
-                if step % log_every == 0 or step == total:
-                    log.info("lora step %d/%d epoch %.2f loss %.4f", step, total, curve[-1]["epoch"], loss)
+        trainer = Trainer(model=peft_model, args=args, train_dataset=rows, data_collator=collator(tokenizer),
+                          callbacks=[losses])
+        trainer.remove_callback(PrinterCallback)  # the per-step dicts it prints duplicate _LossLog's log lines
+        trainer.remove_callback(ProgressCallback)
+        trainer.train()
     finally:
-        bar.close()
+        tokenizer.padding_side = side
         if grad_checkpointing:
-            peft_model.gradient_checkpointing_disable()
+            peft_model.base_model.model.activation_checkpointing_disable()
         peft_model.eval()
-    return {"loss_curve": curve, "steps": step, "time_s": time.perf_counter() - t0}
+    return {"loss_curve": losses.curve, "steps": trainer.state.global_step, "time_s": time.perf_counter() - t0}
 
 
 def merge(peft_model):

@@ -55,19 +55,3 @@ def encode(tokenizer, row: dict, cutoff: int) -> dict:
     full = full[:cutoff]
     n_prompt = min(len(p), len(full))
     return {"input_ids": full, "labels": [IGNORE] * n_prompt + full[n_prompt:]}
-
-
-def collate(examples: list[dict], pad_id: int) -> dict:
-    """Right-pad a micro-batch: (B, T) input_ids, attention_mask, labels (-100 on padding)."""
-    import torch
-
-    t = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), t), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), t), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), t), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor(e["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

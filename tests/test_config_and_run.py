@@ -87,15 +87,22 @@ def test_ratio_of_layers_counts_decoder_layers_only(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (["method=no_such_method"], "Available options"),
     (["ratio=1.2"], "outside [0, 1)"),
-    (["ratio=0.95", "layer_range=all"], "widen layer_range"),
-    (["layer_range=mini_llm"], "leaving none to prune"),
+    (["ratio=0.95", "layer_range=all"], "Lower the ratio (layer_range=all already"),
+    (["ratio=0.95", "layer_range=llm_pruner", "model=tiny_llama_gqa"], "leaving none to prune; use layer_range=all"),
+    (["layer_range=mini_llm"], "leaving none to prune; use layer_range=all"),
     (["data.root=/no/such/folder"], "does not exist"),
 ])
 def test_bad_input_fails_before_loading(tmp_path, overrides, message):
     proc = run_py(tmp_path, "model=tiny_llama", *overrides, check=False)
+    out = proc.stderr + proc.stdout
     assert proc.returncode != 0
-    assert message in proc.stderr + proc.stdout
+    assert message in out
+    assert "Traceback" not in out and "stage load" not in out
     assert not (tmp_path / "results.json").exists()
+    if "Available options" not in message:  # Hydra's own composition errors come before the run starts
+        assert proc.returncode == 2 and len(out.strip().splitlines()) == 1
+        assert message in (tmp_path / "run.log").read_text()
+        assert json.loads((tmp_path / "failure.json").read_text())["config_error"]
 
 
 def test_local_text_layout(data_root):

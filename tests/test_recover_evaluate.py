@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -23,8 +24,8 @@ from prune.plan import KeepPlan
 from prune.slicing import EmptyAttention, HeadGather, apply_plan
 from prune.structure import get_module
 from recover import run_recovery
-from recover.lora import attach_lora, merge, response_loss, train_step
-from recover.prompting import IGNORE, NO_INPUT, WITH_INPUT, collate, encode
+from recover.lora import attach_lora, collator, merge
+from recover.prompting import IGNORE, NO_INPUT, WITH_INPUT, encode
 
 ROWS = [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
         {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
@@ -43,14 +44,33 @@ def hetero_plan(s) -> KeepPlan:
     return plan
 
 
-def batch(tok):
-    return [collate([encode(tok, r, 256) for r in ROWS], tok.pad_token_id)]
+def batch(tok) -> dict:
+    """One right-padded micro-batch of ROWS, as the Trainer's collator builds it."""
+    tok.padding_side = "right"
+    return collator(tok)([{**e, "attention_mask": [1] * len(e["input_ids"])}
+                          for e in (encode(tok, r, 256) for r in ROWS)])
 
 
 @torch.no_grad()
-def eval_loss(model, micro) -> float:
-    n = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
-    return sum(response_loss(model, b, n).item() for b in micro)
+def eval_loss(model, b) -> float:
+    return model(**b).loss.item()
+
+
+def train_step(model, optimizer, b) -> None:
+    model(**b).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_collator_pads_labels_with_ignore_on_the_right():
+    _, tok, _ = tiny_model("tiny_llama")
+    b = batch(tok)
+    lengths = [len(encode(tok, r, 256)["input_ids"]) for r in ROWS]
+    assert b["input_ids"].shape == (len(ROWS), max(lengths))
+    for i, n in enumerate(lengths):
+        assert b["attention_mask"][i].tolist() == [1] * n + [0] * (max(lengths) - n)
+        assert b["labels"][i, n:].eq(IGNORE).all() and b["input_ids"][i, n:].eq(tok.pad_token_id).all()
+        assert b["labels"][i, :n].tolist() == encode(tok, ROWS[i], 256)["labels"]
 
 
 def test_prompt_template_and_response_only_labels():
@@ -131,10 +151,15 @@ def test_run_recovery_reports_curve_and_time(tmp_path):
                                    "recover.lr": 1e-3, "recover.gradient_checkpointing": True})
     model, tok, s = tiny_model("tiny_llama_gqa")
     apply_plan(model, s, hetero_plan(s))
-    r = run_recovery(cfg, model, tok, StageMeter(), str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = run_recovery(cfg, model, tok, StageMeter(), str(tmp_path))
+    assert not [w for w in caught if "checkpointing" in str(w.message)], [str(w.message) for w in caught]
     assert r["examples"] == 12 and r["steps"] == 2 * math.ceil(12 / 4) == len(r["loss_curve"])
     assert r["time_s"] > 0 and r["loss_last"] < r["loss_first"]
-    assert r["loss_curve"][-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine decays to 0
+    # the lr each step used: no warm-up (100 steps > 6 capped to 10%), then cosine toward 0 after the last step
+    assert [c["lr"] for c in r["loss_curve"]] == pytest.approx(
+        [0.5e-3 * (1 + math.cos(math.pi * k / 6)) for k in range(6)], rel=1e-3)
     assert not any(hasattr(m, "lora_A") for m in model.modules()) and not model.training
 
 
