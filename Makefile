@@ -17,7 +17,7 @@ run: install
 	$(PY) run.py data.root=$(DATA_ROOT) evaluate.ppl.max_windows=$(PPL_WINDOWS)
 
 test: install   # everything, the slow real-model tests included (they fit in CI)
-	$(PY) -m pytest -q
+	PYTHONSAFEPATH=1 $(PY) -m pytest -q
 
 test-fast: install   # tiny models only
-	$(PY) -m pytest -q -m "not slow"
+	PYTHONSAFEPATH=1 $(PY) -m pytest -q -m "not slow"

@@ -1,32 +1,15 @@
-"""Entry point: python run.py method=wanda_sp ratio=0.3   (see conf/config.yaml for every option).
+"""Entry point from a checkout: python run.py method=wanda_sp ratio=0.3   (see conf/config.yaml for every option).
 
-Failures (prune/errors.py): a known input error prints one line and exits 2, any other error its
-traceback and exits 1; both are recorded in the run directory. In a multirun a failed job returns,
-so the other jobs still run, and the sweep ends with one summary of every failed job.
-"""
+The same as the `llm-prune` console script. This folder is dropped from sys.path first: its evaluate/ and sweeps/
+folders are installed as llmsp.evaluate and llmsp.sweeps, and must not shadow Hugging Face's `evaluate` (lm-eval
+imports it) or W&B's `sweeps`."""
+import os
 import sys
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
-from prune.errors import ConfigError, record_failure
-from prune.pipeline import run
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> dict:
-    hc = HydraConfig.get()
-    out_dir = hc.runtime.output_dir
-    try:
-        return run(cfg, out_dir)
-    except Exception as e:  # noqa: BLE001 - every failure is recorded, then reported by kind
-        entry = record_failure(e, out_dir, list(hc.overrides.task))
-        if hc.mode == RunMode.MULTIRUN:
-            return {"failed": entry}
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
-
+from llmsp.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

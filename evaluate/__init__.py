@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from evaluate.ppl import perplexity
+from llmsp.evaluate.ppl import perplexity
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def _tasks(ev) -> list[str]:
 def zeroshot_tasks(ev, root: str | None, rendered: str | None) -> tuple[list[str], dict[str, list[str]]]:
     """(tasks to run, {default task left out: its missing files}). An explicit `evaluate.tasks` is kept whole
     (its missing files fail later in the check); the default list drops tasks without local files."""
-    from evaluate.lmeval import missing_files
+    from llmsp.evaluate.lmeval import missing_files
 
     if ev.get("tasks") is not None or root is None:
         return _tasks(ev), {}
@@ -43,8 +43,8 @@ def check_evaluations(cfg, out_dir: str) -> tuple[list[str], dict]:
     `cfg.evaluate.tasks` (logging the default tasks left out), raises FileNotFoundError naming every
     missing local file and ValueError for an unknown task. Returns (local data files the stages read,
     {left-out task: missing files})."""
-    from evaluate.lmeval import data_files, missing_files, render_for_run
-    from prune.data import resolve_root
+    from llmsp.evaluate.lmeval import data_files, missing_files, render_for_run
+    from llmsp.prune.data import resolve_root
 
     ev = cfg.evaluate
     if not (ev.get("zeroshot") or ev.get("mmlu")):
@@ -77,7 +77,7 @@ def check_evaluations(cfg, out_dir: str) -> tuple[list[str], dict]:
 def measure_dense_reference(cfg, model, meter, results: dict) -> None:
     """Efficiency figures of the unpruned model (call before slicing); kept until the report is built."""
     if cfg.evaluate.get("efficiency"):
-        from evaluate.efficiency import measure
+        from llmsp.evaluate.efficiency import measure
 
         with meter.stage("efficiency_dense"):
             results["efficiency"] = {"dense": measure(model, cfg.evaluate.efficiency)}
@@ -96,7 +96,7 @@ def run_evaluations(cfg, model, tokenizer, meter, results: dict, save, out_dir: 
             results["ppl"][name], results["ppl_windows"][name] = r["ppl"], r["windows"]
             save()
     if ev.get("zeroshot"):
-        from evaluate.zeroshot import zeroshot
+        from llmsp.evaluate.zeroshot import zeroshot
 
         with meter.stage("zeroshot", f"tasks {', '.join(_tasks(ev))}, "
                          + (f"first {ev.limit} documents each" if ev.get("limit") else "every document")):
@@ -105,7 +105,7 @@ def run_evaluations(cfg, model, tokenizer, meter, results: dict, save, out_dir: 
         results["zeroshot_limit"] = ev.get("limit")
         save()
     if ev.get("mmlu"):
-        from evaluate.mmlu import mmlu
+        from llmsp.evaluate.mmlu import mmlu
 
         with meter.stage("mmlu", f"{ev.mmlu.num_fewshot}-shot, "
                          + (f"first {ev.limit} questions per subject" if ev.get("limit") else "every question")):
@@ -113,14 +113,14 @@ def run_evaluations(cfg, model, tokenizer, meter, results: dict, save, out_dir: 
                                    ev.mmlu.batch_size, cfg.seed)
         save()
     if ev.get("efficiency"):
-        from evaluate.efficiency import measure, report
+        from llmsp.evaluate.efficiency import measure, report
 
         with meter.stage("efficiency"):
             dense = results.get("efficiency", {}).get("dense")
             results["efficiency"] = report(dense, measure(model, ev.efficiency))
         save()
     if ev.get("generate"):
-        from evaluate.generate import generate
+        from llmsp.evaluate.generate import generate
 
         g = ev.generate
         with meter.stage("generate", f"{len(g.prompts)} prompts, {g.max_new_tokens} new tokens each"):

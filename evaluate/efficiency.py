@@ -22,8 +22,8 @@ import torch
 from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from prune.memory import _read_hwm, _reset_hwm, proc_status_bytes
-from prune.structure import num_params
+from llmsp.prune.memory import _read_hwm, _reset_hwm, proc_status_bytes
+from llmsp.prune.structure import num_params
 
 
 def _sdpa_cpu(q_shape, k_shape, v_shape, *args, **kwargs) -> int:

@@ -22,7 +22,7 @@ import tempfile
 
 import yaml
 
-from prune.data import resolve_root
+from llmsp.prune.data import resolve_root
 
 log = logging.getLogger(__name__)
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")

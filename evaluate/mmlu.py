@@ -6,7 +6,7 @@ answer letter scored by log-likelihood; category and overall accuracy weighted b
 """
 from __future__ import annotations
 
-from evaluate.lmeval import hflm, run_lm_eval, task_manager
+from llmsp.evaluate.lmeval import hflm, run_lm_eval, task_manager
 
 GROUPS = {"mmlu": "acc", "mmlu_stem": "stem", "mmlu_humanities": "humanities",
           "mmlu_social_sciences": "social_sciences", "mmlu_other": "other"}

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from prune.data import eval_tokens
+from llmsp.prune.data import eval_tokens
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ acc for boolq/piqa/winogrande/arc_easy, acc_norm for hellaswag/arc_challenge/ope
 """
 from __future__ import annotations
 
-from evaluate.lmeval import hflm, run_lm_eval, task_manager
+from llmsp.evaluate.lmeval import hflm, run_lm_eval, task_manager
 
 
 def metric(task_results: dict, name: str):

@@ -15,8 +15,8 @@ import math
 
 import torch
 
-from prune.plan import KeepPlan
-from prune.structure import ModelStructure
+from llmsp.prune.plan import KeepPlan
+from llmsp.prune.structure import ModelStructure
 
 
 class InfeasibleRatio(ValueError):

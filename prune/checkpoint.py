@@ -15,9 +15,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from prune.plan import KeepPlan
-from prune.slicing import apply_plan
-from prune.structure import discover
+from llmsp.prune.plan import KeepPlan
+from llmsp.prune.slicing import apply_plan
+from llmsp.prune.structure import discover
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
@@ -93,7 +93,7 @@ def _add_biases(model, paths: list[str]) -> None:
                                       requires_grad=False)
 
 
-TRANSFORMS = {"slicegpt": "prune.methods.slicegpt.model"}  # manifest["transform"]["kind"] -> module with rebuild()
+TRANSFORMS = {"slicegpt": "llmsp.prune.methods.slicegpt.model"}  # manifest["transform"]["kind"] -> module with rebuild()
 
 
 def _rebuild(model, transform: dict) -> None:

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 
-from prune.data import calibration_files, corpus_files, read_jsonl, resolve_root
+from llmsp.prune.data import calibration_files, corpus_files, read_jsonl, resolve_root
 
 log = logging.getLogger(__name__)
 SUMS = "SHA256SUMS"

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from prune.plan import KeepPlan
-from prune.structure import ModelStructure
+from llmsp.prune.plan import KeepPlan
+from llmsp.prune.structure import ModelStructure
 
 
 def _broadcast(mask: torch.Tensor, x: torch.Tensor, repeat: int = 1) -> torch.Tensor:

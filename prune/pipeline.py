@@ -10,17 +10,17 @@ import os
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from evaluate import measure_dense_reference, run_evaluations
-from prune.allocation import model_ratio, within_range_ratio
-from prune.checkpoint import save_pruned
-from prune.logger import make_logger
-from prune.memory import StageMeter
-from prune.methods.base import PruneContext
-from prune.models import load_model, resolve_device, resolve_dtype
-from prune.preflight import preflight
-from prune.results import summary, write_json
-from prune.slicing import apply_plan
-from prune.structure import discover, num_params
+from llmsp.evaluate import measure_dense_reference, run_evaluations
+from llmsp.prune.allocation import model_ratio, within_range_ratio
+from llmsp.prune.checkpoint import save_pruned
+from llmsp.prune.logger import make_logger
+from llmsp.prune.memory import StageMeter
+from llmsp.prune.methods.base import PruneContext
+from llmsp.prune.models import load_model, resolve_device, resolve_dtype
+from llmsp.prune.preflight import preflight
+from llmsp.prune.results import summary, write_json
+from llmsp.prune.slicing import apply_plan
+from llmsp.prune.structure import discover, num_params
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def run(cfg: DictConfig, out_dir: str) -> dict:
     })
     save()
     if cfg.recover.name != "none":
-        from recover import run_recovery
+        from llmsp.recover import run_recovery
 
         results["recover"] = run_recovery(cfg, model, tokenizer, meter, out_dir)
         save()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from prune.structure import ModelStructure
+from llmsp.prune.structure import ModelStructure
 
 
 @dataclass

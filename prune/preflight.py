@@ -12,11 +12,11 @@ import json
 import logging
 import os
 
-from evaluate import check_evaluations
-from prune.datacheck import check_files, needed_files
-from prune.data import resolve_root
-from prune.errors import ConfigError
-from prune.validate import validate
+from llmsp.evaluate import check_evaluations
+from llmsp.prune.datacheck import check_files, needed_files
+from llmsp.prune.data import resolve_root
+from llmsp.prune.errors import ConfigError
+from llmsp.prune.validate import validate
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def resumable_runs(cfg, out_dir: str, limit: int = 5) -> list[tuple[str, int]]:
     """(run dir, checkpointed step) of earlier runs with a pg checkpoint, newest first: the siblings of
     `out_dir` and outputs/<model>/<method>/r<ratio>/* (the default run directory's parent)."""
-    from prune.methods.pg.state import SCALARS, exists
+    from llmsp.prune.methods.pg.state import SCALARS, exists
 
     parents = {os.path.dirname(os.path.abspath(out_dir)),
                os.path.abspath(os.path.join("outputs", cfg.model.name, cfg.method.name, f"r{cfg.ratio}"))}
@@ -41,7 +41,7 @@ def check_resume(cfg, method, out_dir: str) -> None:
     could be resumed (we do not pick one: a run made with other settings would be refused on load anyway)."""
     if not getattr(method, "resume", False):
         return
-    from prune.methods.pg.state import exists
+    from llmsp.prune.methods.pg.state import exists
 
     run_dir = getattr(method, "out_dir", None) or out_dir
     if exists(run_dir):

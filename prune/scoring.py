@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from prune.structure import Coupled, LayerInfo, ModelStructure
+from llmsp.prune.structure import Coupled, LayerInfo, ModelStructure
 
 AGGREGATIONS = {
     "sum": lambda t: t.sum(0),

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prune.plan import KeepPlan
-from prune.structure import LayerInfo, ModelStructure, get_module
+from llmsp.prune.plan import KeepPlan
+from llmsp.prune.structure import LayerInfo, ModelStructure, get_module
 
 
 class HeadGather(nn.Module):

@@ -5,10 +5,10 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM
 
-from prune.allocation import InfeasibleRatio, check_feasible, model_ratio, prunable_layers, widen_hint
-from prune.data import check_root
-from prune.models import load_config, resolve_dtype
-from prune.structure import discover
+from llmsp.prune.allocation import InfeasibleRatio, check_feasible, model_ratio, prunable_layers, widen_hint
+from llmsp.prune.data import check_root
+from llmsp.prune.models import load_config, resolve_dtype
+from llmsp.prune.structure import discover
 
 
 def meta_structure(model_cfg: DictConfig):

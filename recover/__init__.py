@@ -16,8 +16,8 @@ log = logging.getLogger(__name__)
 
 
 def run_recovery(cfg: DictConfig, model, tokenizer, meter, out_dir: str) -> dict:
-    from recover.lora import attach_lora, merge, train_lora
-    from recover.prompting import IGNORE, encode, load_alpaca
+    from llmsp.recover.lora import attach_lora, merge, train_lora
+    from llmsp.recover.prompting import IGNORE, encode, load_alpaca
 
     rc = cfg.recover
     if rc.name not in ("lora_alpaca", "lora_alpaca_4k"):

@@ -28,7 +28,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from recover.prompting import IGNORE
+from llmsp.recover.prompting import IGNORE
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import json
 import os
 import random
 
-from prune.data import resolve_root
+from llmsp.prune.data import resolve_root
 
 IGNORE = -100
 HEADER = "Below is an instruction that describes a task{extra}. Write a response that appropriately completes the request.\n\n"

@@ -32,17 +32,16 @@ def _rss() -> int:
 
 def worker(name: str, model: str, batch_size: int, seq_len: int, dtype: str, device: str, extra: list[str]) -> dict:
     """Runs in the subprocess: load, then either one plain forward or the method's plan()."""
-    sys.path.insert(0, ROOT)
     import torch
     from hydra import compose, initialize_config_dir
 
-    from prune.data import calibration_batch
-    from prune.memory import StageMeter
-    from prune.methods.base import PruneContext
-    from prune.methods.zo_gradient import lm_loss
-    from prune.models import load_model, resolve_device, resolve_dtype
-    from prune.pipeline import build_method
-    from prune.structure import discover
+    from llmsp.prune.data import calibration_batch
+    from llmsp.prune.memory import StageMeter
+    from llmsp.prune.methods.base import PruneContext
+    from llmsp.prune.methods.zo_gradient import lm_loss
+    from llmsp.prune.models import load_model, resolve_device, resolve_dtype
+    from llmsp.prune.pipeline import build_method
+    from llmsp.prune.structure import discover
 
     overrides = [f"model={model}", f"method={'dense' if name == 'forward' else name}", f"dtype={dtype}",
                  f"device={device}", f"calibration.batch_size={batch_size}", f"calibration.seq_len={seq_len}"]

@@ -17,17 +17,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 from omegaconf import OmegaConf
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from prune.methods.pg.trainer import PGSettings, Trainer  # noqa: E402
-from prune.methods.pg.units import UnitTable  # noqa: E402
-from prune.models import load_model, resolve_dtype  # noqa: E402
-from prune.structure import discover  # noqa: E402
+from llmsp.prune.methods.pg.trainer import PGSettings, Trainer  # noqa: E402
+from llmsp.prune.methods.pg.units import UnitTable  # noqa: E402
+from llmsp.prune.models import load_model, resolve_dtype  # noqa: E402
+from llmsp.prune.structure import discover  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -20,7 +20,6 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def main(argv=None) -> list[dict]:
@@ -31,15 +30,15 @@ def main(argv=None) -> list[dict]:
 
     from omegaconf import OmegaConf
 
-    from evaluate.ppl import window_nll
-    from prune.allocation import model_ratio
-    from prune.data import eval_tokens
-    from prune.masks import Masker
-    from prune.methods.pg import state as ckpt
-    from prune.methods.pg.units import UnitTable
-    from prune.models import load_model, resolve_device, resolve_dtype
-    from prune.results import write_json
-    from prune.structure import discover
+    from llmsp.evaluate.ppl import window_nll
+    from llmsp.prune.allocation import model_ratio
+    from llmsp.prune.data import eval_tokens
+    from llmsp.prune.masks import Masker
+    from llmsp.prune.methods.pg import state as ckpt
+    from llmsp.prune.methods.pg.units import UnitTable
+    from llmsp.prune.models import load_model, resolve_device, resolve_dtype
+    from llmsp.prune.results import write_json
+    from llmsp.prune.structure import discover
 
     paths = sorted(glob.glob(os.path.join(args.run_dir, "pg_s_step*.safetensors")))
     if not paths:

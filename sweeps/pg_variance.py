@@ -17,7 +17,6 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def main(argv=None) -> dict:
@@ -32,13 +31,13 @@ def main(argv=None) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from prune.allocation import model_ratio
-    from prune.memory import StageMeter
-    from prune.methods.base import PruneContext
-    from prune.methods.pg.policy import Baseline, sample_masks, score_gradient
-    from prune.models import load_model, resolve_device, resolve_dtype
-    from prune.pipeline import build_method
-    from prune.structure import discover
+    from llmsp.prune.allocation import model_ratio
+    from llmsp.prune.memory import StageMeter
+    from llmsp.prune.methods.base import PruneContext
+    from llmsp.prune.methods.pg.policy import Baseline, sample_masks, score_gradient
+    from llmsp.prune.models import load_model, resolve_device, resolve_dtype
+    from llmsp.prune.pipeline import build_method
+    from llmsp.prune.structure import discover
 
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["method=pg", *overrides])

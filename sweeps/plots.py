@@ -18,11 +18,9 @@ import json
 import logging
 import math
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sweeps.aggregate import find_results, load_experiment, lookup  # noqa: E402
+from llmsp.sweeps.aggregate import find_results, load_experiment, lookup  # noqa: E402
 
 log = logging.getLogger("plots")
 

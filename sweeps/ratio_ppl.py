@@ -18,10 +18,8 @@ import argparse
 import json
 import math
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def main(argv=None) -> dict:
@@ -33,21 +31,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--set", action="append", default=[], help="Hydra override for every method")
     args = ap.parse_args(argv)
 
-    import torch
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from evaluate.ppl import window_nll
-    from prune.allocation import select
-    from prune.data import eval_tokens
-    from prune.masks import Masker
-    from prune.memory import StageMeter
-    from prune.methods.base import PruneContext
-    from prune.models import load_model, resolve_device, resolve_dtype
-    from prune.pipeline import build_method
-    from prune.plan import KeepPlan
-    from prune.results import write_json
-    from prune.structure import discover
+    from llmsp.evaluate.ppl import window_nll
+    from llmsp.prune.allocation import select
+    from llmsp.prune.data import eval_tokens
+    from llmsp.prune.masks import Masker
+    from llmsp.prune.memory import StageMeter
+    from llmsp.prune.methods.base import PruneContext
+    from llmsp.prune.models import load_model, resolve_device, resolve_dtype
+    from llmsp.prune.pipeline import build_method
+    from llmsp.prune.plan import KeepPlan
+    from llmsp.prune.results import write_json
+    from llmsp.prune.structure import discover
 
     windows, table = {}, {}
     for name in args.methods:

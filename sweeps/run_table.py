@@ -6,7 +6,7 @@
 For each sweep of conf/experiment/<table>.yaml at the chosen scale (the dense reference first, when the table
 has a dense row) this runs
 
-    python run.py -m +experiment=<table> <scale overrides> <sweep overrides> key=v1,v2 ...
+    python -m llmsp.cli -m +experiment=<table> <scale overrides> <sweep overrides> key=v1,v2 ...
         hydra.sweep.dir=<out>/<table>/<scale>/<sweep>
 
 one after another, keeps going when a sweep fails (its cells become "–"), then writes the table with
@@ -21,9 +21,8 @@ import shlex
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sweeps.aggregate import ROOT, Sweep, aggregate, load_experiment, log_to_wandb, sweeps, to_markdown  # noqa: E402
+from llmsp.sweeps.aggregate import ROOT, Sweep, aggregate, load_experiment, log_to_wandb, sweeps, to_markdown  # noqa: E402
 
 log = logging.getLogger("run_table")
 
@@ -47,7 +46,7 @@ def command(table: str, scale: str, common: list[str], sw: Sweep, out: str, laun
         fixed += ["logger=wandb", f"logger.mode={wandb}", f"logger.group={table}-{scale}"]
     # subdir names carry only the grid keys, so they stay short and readable
     exclude = sorted({"experiment", *(o.split("=", 1)[0].lstrip("+~") for o in [*fixed, *extra])} - set(sw.grid))
-    return [python, os.path.join(ROOT, "run.py"), "-m", f"+experiment={table}", *fixed, *extra, *grid,
+    return [python, "-m", "llmsp.cli", "-m", f"+experiment={table}", *fixed, *extra, *grid,
             f"hydra.sweep.dir={os.path.join(out, table, scale, sw.name)}",
             f"hydra.job.config.override_dirname.exclude_keys=[{','.join(exclude)}]"]
 
@@ -94,7 +93,7 @@ def main(argv=None) -> int:
         log_to_wandb(t, a.table, a.scale, a.wandb)
     sys.stdout.write("\n" + to_markdown(t))
     if exp.get("figure"):
-        from sweeps.plots import plot
+        from llmsp.sweeps.plots import plot
 
         for path in plot(a.table, exp, sweep_dir):
             print(f"figure: {path}")

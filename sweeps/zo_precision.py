@@ -11,18 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from omegaconf import OmegaConf  # noqa: E402
 
-from prune.data import calibration_batch  # noqa: E402
-from prune.methods.gradient_scoring import scored_weights  # noqa: E402
-from prune.methods.zo_gradient import SPSA, lm_loss  # noqa: E402
-from prune.models import load_model, resolve_dtype  # noqa: E402
-from prune.structure import discover  # noqa: E402
+from llmsp.prune.data import calibration_batch  # noqa: E402
+from llmsp.prune.methods.gradient_scoring import scored_weights  # noqa: E402
+from llmsp.prune.methods.zo_gradient import SPSA, lm_loss  # noqa: E402
+from llmsp.prune.models import load_model, resolve_dtype  # noqa: E402
+from llmsp.prune.structure import discover  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from prune.masks import Masker
-from prune.models import load_model
-from prune.slicing import apply_plan
-from prune.structure import discover
+from llmsp.prune.masks import Masker
+from llmsp.prune.models import load_model
+from llmsp.prune.slicing import apply_plan
+from llmsp.prune.structure import discover
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_ROOT = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))

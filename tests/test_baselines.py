@@ -5,15 +5,15 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from prune.checkpoint import load_pruned, save_pruned
-from prune.memory import StageMeter
-from prune.methods.base import PruneContext
-from prune.methods.bonsai import Bonsai, candidate_pools, drop_probabilities, lasso, sample_masks
-from prune.methods.flap import FLAP, RunningStats
-from prune.methods.slicegpt import slice_model, sliced_dim
-from prune.plan import KeepPlan
-from prune.slicing import apply_plan
-from prune.structure import num_params
+from llmsp.prune.checkpoint import load_pruned, save_pruned
+from llmsp.prune.memory import StageMeter
+from llmsp.prune.methods.base import PruneContext
+from llmsp.prune.methods.bonsai import Bonsai, candidate_pools, drop_probabilities, lasso, sample_masks
+from llmsp.prune.methods.flap import FLAP, RunningStats
+from llmsp.prune.methods.slicegpt import slice_model, sliced_dim
+from llmsp.prune.plan import KeepPlan
+from llmsp.prune.slicing import apply_plan
+from llmsp.prune.structure import num_params
 
 
 def _ids(n=8, t=32, seed=0):

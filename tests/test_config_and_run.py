@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import ROOT, tiny_model
-from evaluate.ppl import perplexity
-from prune.data import calibration_batch, load_rows
+from llmsp.evaluate.ppl import perplexity
+from llmsp.prune.data import calibration_batch, load_rows
 
 CONF = os.path.join(ROOT, "conf")
 GROUPS = [g for g in ("model", "method", "calibration", "layer_range", "evaluate", "recover", "logger", "init")
@@ -70,7 +70,7 @@ def test_run_py_end_to_end(tmp_path):
 def test_ratio_of_layers_counts_decoder_layers_only(tmp_path):
     """ratio_of=layers (the PG paper's convention): `ratio` of the decoder layers' parameters is removed, checked
     against the layers' parameter count taken from the model itself."""
-    from tests.conftest import tiny_model
+    from conftest import tiny_model
 
     model, _, s = tiny_model("tiny_llama_gqa")
     layer_params = sum(p.numel() for p in model.model.layers.parameters())

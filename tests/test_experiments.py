@@ -16,9 +16,8 @@ import pytest
 
 from conftest import ROOT
 
-sys.path.insert(0, ROOT)
-from sweeps import aggregate as agg  # noqa: E402
-from sweeps.run_table import command  # noqa: E402
+from llmsp.sweeps import aggregate as agg  # noqa: E402
+from llmsp.sweeps.run_table import command  # noqa: E402
 
 EXPERIMENTS = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "conf", "experiment")) if f.endswith(".yaml"))
 GROUPS = {g for g in os.listdir(agg.CONF) if os.path.isdir(os.path.join(agg.CONF, g)) and g != "hydra"}
@@ -270,7 +269,7 @@ def test_aggregate_pivot_columns_and_extra_runs(tmp_path, caplog):
 
 
 def test_pruned_set_similarity():
-    from sweeps.plots import jaccard, pruned_sets
+    from llmsp.sweeps.plots import jaccard, pruned_sets
 
     sp = [{"channels": 0.5}, {"channels": 0.0}, {"channels": 1.0}]
     a = pruned_sets({"channels": [[0, 1], [0, 1, 2, 3], []], "removed_layers": [2]}, sp, "channels")
@@ -282,7 +281,7 @@ def test_pruned_set_similarity():
 
 
 def test_figures_written_as_png_and_pdf(tmp_path):
-    from sweeps.plots import plot
+    from llmsp.sweeps.plots import plot
 
     for i, (alloc, ratio, ppl) in enumerate([("global", 0.3, 20.0), ("local", 0.3, 25.0), ("global", 0.5, 40.0)]):
         d = tmp_path / str(i)

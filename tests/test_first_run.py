@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import ROOT
-from prune.datacheck import check_files
-from prune.logger import make_logger
+from llmsp.prune.datacheck import check_files
+from llmsp.prune.logger import make_logger
 from test_config_and_run import TINY_RUN, run_py
 
 C4 = os.path.join("text", "c4", "c4_validation_2k.jsonl")
@@ -105,7 +105,7 @@ def test_tiny_models_default_to_a_layer_range_that_works():
 
 
 def test_default_zeroshot_tasks_are_those_with_local_files(data_root, tmp_path):
-    from evaluate import check_evaluations
+    from llmsp.evaluate import check_evaluations
 
     cfg = compose_cfg("evaluate=zeroshot", f"data.root={data_root}")
     files, left_out = check_evaluations(cfg, str(tmp_path))

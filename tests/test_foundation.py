@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import TINY, masked_then_sliced_logits, tiny_model
-from prune.allocation import InfeasibleRatio, select
-from prune.checkpoint import CheckpointError, load_pruned, save_pruned
-from prune.plan import KeepPlan
-from prune.slicing import EmptyAttention, HeadGather, apply_plan
-from prune.structure import num_params
+from llmsp.prune.allocation import InfeasibleRatio, select
+from llmsp.prune.checkpoint import CheckpointError, load_pruned, save_pruned
+from llmsp.prune.plan import KeepPlan
+from llmsp.prune.slicing import EmptyAttention, HeadGather, apply_plan
+from llmsp.prune.structure import num_params
 
 
 def random_plan(s, seed: int) -> KeepPlan:

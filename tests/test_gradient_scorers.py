@@ -10,15 +10,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from prune.memory import StageMeter
-from prune.methods.base import PruneContext
-from prune.methods.gradient_scoring import GradientScoring
-from prune.methods.sparsegpt_sp import SparseGPTSP
-from prune.methods.zo_gradient import SPSA, lm_loss, restore_error
-from prune.models import load_model
-from prune.structure import discover
-from sweeps.similarity import compare, main as similarity_main
-from tests.conftest import ROOT, tiny_model
+from llmsp.prune.memory import StageMeter
+from llmsp.prune.methods.base import PruneContext
+from llmsp.prune.methods.gradient_scoring import GradientScoring
+from llmsp.prune.methods.sparsegpt_sp import SparseGPTSP
+from llmsp.prune.methods.zo_gradient import SPSA, lm_loss, restore_error
+from llmsp.prune.models import load_model
+from llmsp.prune.structure import discover
+from llmsp.sweeps.similarity import compare, main as similarity_main
+from conftest import ROOT, tiny_model
 
 
 def _micro_model():
@@ -187,7 +187,7 @@ def test_gradient_methods_pin_bookcorpus():
                                           ("llm_pruner", ["method.taylor=mix", "method.gradient_checkpointing=true"]),
                                           ("sparsegpt_sp", [])])
 def test_methods_run_end_to_end(method, extra, tmp_path, data_root):
-    from prune.pipeline import run
+    from llmsp.prune.pipeline import run
 
     cfg = _compose([f"method={method}", "model=tiny_llama_gqa", "ratio=0.3", "layer_range=all", "calibration=c4",
                     "calibration.n_samples=4", "calibration.seq_len=32", "dtype=float32", "evaluate.ppl.datasets=[ptb]",

@@ -11,19 +11,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prune.allocation import select
-from prune.methods.base import PruneContext
-from prune.memory import StageMeter
-from prune.methods.pg import state as ckpt
-from prune.methods.pg.init import MetricInit, ProgressiveInit, RandomInit
-from prune.methods.pg.optimizer import PolicyGradient
-from prune.methods.pg.policy import Baseline, learning_rate, sample_masks, score_gradient
-from prune.methods.pg.projection import project, projected_step
-from prune.methods.pg.trainer import PGSettings, Trainer, token_losses
-from prune.methods.pg.units import UnitTable
-from prune.methods.simple import Magnitude
-from prune.structure import ModelStructure, discover
-from tests.conftest import ROOT, tiny_model
+from llmsp.prune.allocation import select
+from llmsp.prune.methods.base import PruneContext
+from llmsp.prune.memory import StageMeter
+from llmsp.prune.methods.pg import state as ckpt
+from llmsp.prune.methods.pg.init import MetricInit, ProgressiveInit, RandomInit
+from llmsp.prune.methods.pg.optimizer import PolicyGradient
+from llmsp.prune.methods.pg.policy import Baseline, learning_rate, sample_masks, score_gradient
+from llmsp.prune.methods.pg.projection import project, projected_step
+from llmsp.prune.methods.pg.trainer import PGSettings, Trainer, token_losses
+from llmsp.prune.methods.pg.units import UnitTable
+from llmsp.prune.methods.simple import Magnitude
+from llmsp.prune.structure import ModelStructure, discover
+from conftest import ROOT, tiny_model
 
 
 # ---------------------------------------------------------------- projection
@@ -416,7 +416,7 @@ def test_pg_end_to_end_hits_ratio_and_logs(tmp_path, data_root):
 
 
 def test_gumbel_moves_s_and_hits_ratio(tmp_path, data_root):
-    from prune.methods.pg_gumbel import PolicyGradientGumbel
+    from llmsp.prune.methods.pg_gumbel import PolicyGradientGumbel
 
     ctx = make_ctx(data_root)
     m = PolicyGradientGumbel(init=RandomInit(), n_segments=16, seq_len=32, batch_size=4, out_dir=str(tmp_path), lr=5.0,
@@ -430,10 +430,10 @@ def test_gumbel_moves_s_and_hits_ratio(tmp_path, data_root):
 def test_layerwise_ppl_scores_match_sliced_models_and_sleb_agrees_first(data_root):
     import copy
 
-    from evaluate.ppl import window_nll
-    from prune.methods.depth import SLEB, LayerwisePPL
-    from prune.plan import KeepPlan
-    from prune.slicing import apply_plan
+    from llmsp.evaluate.ppl import window_nll
+    from llmsp.prune.methods.depth import SLEB, LayerwisePPL
+    from llmsp.prune.plan import KeepPlan
+    from llmsp.prune.slicing import apply_plan
 
     ctx = make_ctx(data_root, ratio=0.2)
     lw = LayerwisePPL(dataset="c4", n_samples=4, seq_len=32, keep_first=1, keep_last=0)

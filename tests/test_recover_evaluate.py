@@ -14,18 +14,18 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from conftest import ROOT, TINY, tiny_model
-from evaluate.efficiency import macs, measure, report
-from evaluate.generate import generate
-from evaluate.lmeval import task_manager
-from evaluate.zeroshot import zeroshot
-from prune.checkpoint import load_pruned, save_pruned
-from prune.memory import StageMeter
-from prune.plan import KeepPlan
-from prune.slicing import EmptyAttention, HeadGather, apply_plan
-from prune.structure import get_module
-from recover import run_recovery
-from recover.lora import attach_lora, collator, merge
-from recover.prompting import IGNORE, NO_INPUT, WITH_INPUT, encode
+from llmsp.evaluate.efficiency import macs, measure, report
+from llmsp.evaluate.generate import generate
+from llmsp.evaluate.lmeval import task_manager
+from llmsp.evaluate.zeroshot import zeroshot
+from llmsp.prune.checkpoint import load_pruned, save_pruned
+from llmsp.prune.memory import StageMeter
+from llmsp.prune.plan import KeepPlan
+from llmsp.prune.slicing import EmptyAttention, HeadGather, apply_plan
+from llmsp.prune.structure import get_module
+from llmsp.recover import run_recovery
+from llmsp.recover.lora import attach_lora, collator, merge
+from llmsp.recover.prompting import IGNORE, NO_INPUT, WITH_INPUT, encode
 
 ROWS = [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
         {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},

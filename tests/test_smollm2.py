@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import masked_then_sliced_logits, model_cfg
-from prune.allocation import select
-from prune.models import load_model
-from prune.structure import discover, num_params
+from llmsp.prune.allocation import select
+from llmsp.prune.models import load_model
+from llmsp.prune.structure import discover, num_params
 
 pytestmark = pytest.mark.slow
 

@@ -6,12 +6,12 @@ from typing import Any
 
 import torch
 
-from prune.allocation import select
-from prune.data import calibration_batch
-from prune.logger import NullLogger
-from prune.memory import StageMeter
-from prune.plan import KeepPlan
-from prune.structure import ModelStructure
+from llmsp.prune.allocation import select
+from llmsp.prune.data import calibration_batch
+from llmsp.prune.logger import NullLogger
+from llmsp.prune.memory import StageMeter
+from llmsp.prune.plan import KeepPlan
+from llmsp.prune.structure import ModelStructure
 
 
 @dataclass

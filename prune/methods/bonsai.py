@@ -41,14 +41,14 @@ import math
 import torch
 from tqdm import tqdm
 
-from evaluate.ppl import window_nll
-from prune.allocation import remove_in_order
-from prune.calibration import InputStats, run_batches
-from prune.masks import Masker
-from prune.methods.base import PruneContext, PruningMethod
-from prune.plan import KeepPlan
-from prune.scoring import structure_scores
-from prune.structure import ModelStructure
+from llmsp.evaluate.ppl import window_nll
+from llmsp.prune.allocation import remove_in_order
+from llmsp.prune.calibration import InputStats, run_batches
+from llmsp.prune.masks import Masker
+from llmsp.prune.methods.base import PruneContext, PruningMethod
+from llmsp.prune.plan import KeepPlan
+from llmsp.prune.scoring import structure_scores
+from llmsp.prune.structure import ModelStructure
 
 log = logging.getLogger(__name__)
 

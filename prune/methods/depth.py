@@ -17,11 +17,11 @@ import math
 
 import torch
 
-from evaluate.ppl import window_nll
-from prune.allocation import InfeasibleRatio
-from prune.masks import Masker
-from prune.methods.base import PruneContext, PruningMethod
-from prune.plan import KeepPlan
+from llmsp.evaluate.ppl import window_nll
+from llmsp.prune.allocation import InfeasibleRatio
+from llmsp.prune.masks import Masker
+from llmsp.prune.methods.base import PruneContext, PruningMethod
+from llmsp.prune.plan import KeepPlan
 
 log = logging.getLogger(__name__)
 

@@ -25,11 +25,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prune.allocation import remove_in_order
-from prune.calibration import run_batches
-from prune.methods.base import PruneContext, PruningMethod
-from prune.plan import KeepPlan
-from prune.structure import ModelStructure
+from llmsp.prune.allocation import remove_in_order
+from llmsp.prune.calibration import run_batches
+from llmsp.prune.methods.base import PruneContext, PruningMethod
+from llmsp.prune.plan import KeepPlan
+from llmsp.prune.structure import ModelStructure
 
 
 class RunningStats:

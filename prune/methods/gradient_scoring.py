@@ -19,13 +19,13 @@ from contextlib import contextmanager
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from prune.allocation import select
-from prune.calibration import InputStats, run_batches
-from prune.methods.base import PruneContext, ScoringMethod
-from prune.methods.zo_gradient import SPSA, lm_loss
-from prune.plan import KeepPlan
-from prune.scoring import structure_scores
-from prune.structure import Coupled, LayerInfo, ModelStructure
+from llmsp.prune.allocation import select
+from llmsp.prune.calibration import InputStats, run_batches
+from llmsp.prune.methods.base import PruneContext, ScoringMethod
+from llmsp.prune.methods.zo_gradient import SPSA, lm_loss
+from llmsp.prune.plan import KeepPlan
+from llmsp.prune.scoring import structure_scores
+from llmsp.prune.structure import Coupled, LayerInfo, ModelStructure
 
 CRITERIA = ("wg", "wxg", "wx")
 TAYLOR = ("first", "second", "mix")

@@ -10,7 +10,7 @@ gradient_checkpointing recomputes each decoder layer during backward.
 """
 from __future__ import annotations
 
-from prune.methods.gradient_scoring import GradientScoring
+from llmsp.prune.methods.gradient_scoring import GradientScoring
 
 
 class LLMPruner(GradientScoring):

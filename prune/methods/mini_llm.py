@@ -10,7 +10,7 @@ Peak memory stays at inference level: weights are perturbed in place and z regen
 """
 from __future__ import annotations
 
-from prune.methods.gradient_scoring import GradientScoring
+from llmsp.prune.methods.gradient_scoring import GradientScoring
 
 
 class MiniLLM(GradientScoring):

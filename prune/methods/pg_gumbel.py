@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from prune.methods.pg.optimizer import PolicyGradient
-from prune.methods.pg.policy import learning_rate
-from prune.methods.pg.projection import projected_step
-from prune.methods.pg.trainer import PGSettings, Trainer
+from llmsp.prune.methods.pg.optimizer import PolicyGradient
+from llmsp.prune.methods.pg.policy import learning_rate
+from llmsp.prune.methods.pg.projection import projected_step
+from llmsp.prune.methods.pg.trainer import PGSettings, Trainer
 
 
 @dataclass

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from prune.methods.base import PruneContext, PruningMethod, ScoringMethod
-from prune.plan import KeepPlan
-from prune.scoring import structure_scores
+from llmsp.prune.methods.base import PruneContext, PruningMethod, ScoringMethod
+from llmsp.prune.plan import KeepPlan
+from llmsp.prune.scoring import structure_scores
 
 
 class Dense(PruningMethod):

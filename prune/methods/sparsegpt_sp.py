@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from prune.calibration import InputStats, run_batches
-from prune.methods.base import PruneContext, ScoringMethod
-from prune.methods.gradient_scoring import input_key, watched_inputs
-from prune.scoring import structure_scores
+from llmsp.prune.calibration import InputStats, run_batches
+from llmsp.prune.methods.base import PruneContext, ScoringMethod
+from llmsp.prune.methods.gradient_scoring import input_key, watched_inputs
+from llmsp.prune.scoring import structure_scores
 
 
 def inverse_hessian_diag(xtx: torch.Tensor, damp: float) -> torch.Tensor:

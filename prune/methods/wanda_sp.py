@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from prune.allocation import select
-from prune.calibration import InputStats, run_batches
-from prune.masks import Masker
-from prune.methods.base import PruneContext, ScoringMethod
-from prune.scoring import structure_scores
+from llmsp.prune.allocation import select
+from llmsp.prune.calibration import InputStats, run_batches
+from llmsp.prune.masks import Masker
+from llmsp.prune.methods.base import PruneContext, ScoringMethod
+from llmsp.prune.scoring import structure_scores
 
 
 class WandaSP(ScoringMethod):

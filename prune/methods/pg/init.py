@@ -25,8 +25,8 @@ import math
 
 import torch
 
-from prune.allocation import select
-from prune.methods.pg.units import UnitTable
+from llmsp.prune.allocation import select
+from llmsp.prune.methods.pg.units import UnitTable
 
 
 def on_budget(x: torch.Tensor, cost: torch.Tensor, budget: torch.Tensor, group: torch.Tensor,

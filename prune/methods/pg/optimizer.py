@@ -28,14 +28,14 @@ from dataclasses import asdict
 
 import torch
 
-from prune.methods.base import PruneContext, PruningMethod
-from prune.methods.pg import state as ckpt
-from prune.methods.pg.init import RandomInit, logit, on_budget
-from prune.methods.pg.plot import plot_layer_sparsity
-from prune.methods.pg.policy import entropy
-from prune.methods.pg.trainer import PGSettings, Trainer
-from prune.methods.pg.units import UnitTable
-from prune.plan import KeepPlan
+from llmsp.prune.methods.base import PruneContext, PruningMethod
+from llmsp.prune.methods.pg import state as ckpt
+from llmsp.prune.methods.pg.init import RandomInit, logit, on_budget
+from llmsp.prune.methods.pg.plot import plot_layer_sparsity
+from llmsp.prune.methods.pg.policy import entropy
+from llmsp.prune.methods.pg.trainer import PGSettings, Trainer
+from llmsp.prune.methods.pg.units import UnitTable
+from llmsp.prune.plan import KeepPlan
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import os
 
-from prune.plan import KeepPlan
-from prune.structure import ModelStructure
+from llmsp.prune.plan import KeepPlan
+from llmsp.prune.structure import ModelStructure
 
 
 def plot_layer_sparsity(s: ModelStructure, plan: KeepPlan, out_dir: str, title: str, stem: str = "layer_sparsity"):

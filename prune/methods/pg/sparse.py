@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prune.plan import KeepPlan
-from prune.slicing import EmptyAttention, HeadGather
-from prune.structure import ModelStructure, get_module
+from llmsp.prune.plan import KeepPlan
+from llmsp.prune.slicing import EmptyAttention, HeadGather
+from llmsp.prune.structure import ModelStructure, get_module
 
 
 def _identity_layer(hidden_states, *args, **kwargs):

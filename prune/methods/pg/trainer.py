@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from prune.masks import Masker
-from prune.methods.pg.policy import Baseline, learning_rate, sample_masks, score_gradient
-from prune.methods.pg.projection import projected_step
-from prune.methods.pg.sparse import SparseSubnet
-from prune.methods.pg.units import UnitTable
+from llmsp.prune.masks import Masker
+from llmsp.prune.methods.pg.policy import Baseline, learning_rate, sample_masks, score_gradient
+from llmsp.prune.methods.pg.projection import projected_step
+from llmsp.prune.methods.pg.sparse import SparseSubnet
+from llmsp.prune.methods.pg.units import UnitTable
 
 
 @dataclass

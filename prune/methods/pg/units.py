@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from prune.allocation import InfeasibleRatio, remove_in_order
-from prune.plan import KeepPlan
-from prune.structure import ModelStructure
+from llmsp.prune.allocation import InfeasibleRatio, remove_in_order
+from llmsp.prune.plan import KeepPlan
+from llmsp.prune.structure import ModelStructure
 
 
 class UnitTable:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prune.structure import get_module
+from llmsp.prune.structure import get_module
 
 
 @dataclass(frozen=True)

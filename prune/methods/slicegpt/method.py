@@ -23,11 +23,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prune.methods.base import PruneContext, PruningMethod
-from prune.methods.slicegpt.adapters import Adapter, adapter_for, fuse_norms
-from prune.methods.slicegpt.model import RMSN, wrap_layers
-from prune.plan import KeepPlan
-from prune.structure import get_module
+from llmsp.prune.methods.base import PruneContext, PruningMethod
+from llmsp.prune.methods.slicegpt.adapters import Adapter, adapter_for, fuse_norms
+from llmsp.prune.methods.slicegpt.model import RMSN, wrap_layers
+from llmsp.prune.plan import KeepPlan
+from llmsp.prune.structure import get_module
 
 
 def sliced_dim(hidden: int, slicing: float, multiple: int = 8) -> int:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prune.methods.slicegpt.adapters import ADAPTERS, untie_head
-from prune.structure import get_module
+from llmsp.prune.methods.slicegpt.adapters import ADAPTERS, untie_head
+from llmsp.prune.structure import get_module
 
 
 class RMSN(nn.Module):

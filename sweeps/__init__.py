@@ -1,0 +1,1 @@
+"""Experiment drivers, aggregation, plots and benchmark scripts, installed as llmsp.sweeps."""
