@@ -214,6 +214,16 @@ def test_cosine_schedule_warms_up_then_matches_torch_cosine_annealing():
         opt.step()
         ref.step()
     assert learning_rate(lr, 7, total) == lr  # constant (paper)
+    from transformers import get_cosine_schedule_with_warmup
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    hf = get_cosine_schedule_with_warmup(opt, warmup, total)
+    for k in range(total):
+        ours = learning_rate(lr, k, total, "cosine", warmup)
+        want = opt.param_groups[0]["lr"] if k >= warmup else lr * (k + 1) / warmup  # HF warms up one step later
+        assert ours == pytest.approx(want, abs=1e-12)
+        opt.step()
+        hf.step()
 
 
 @pytest.mark.parametrize("scale", ["paper", "released"])

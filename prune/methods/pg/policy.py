@@ -81,6 +81,10 @@ class Baseline:
 
 
 def learning_rate(lr: float, step: int, total: int, schedule: str = "constant", warmup: int = 0) -> float:
+    """The step size of `step` (0-based). A pure function of the step, so a resumed run needs no scheduler state
+    (transformers' get_cosine_schedule_with_warmup would need an optimizer and its state in the checkpoint). After
+    warm-up it equals that schedule (tested); during warm-up it is lr (k+1)/warmup, one step ahead of HF's lr k/warmup,
+    so step 0 already moves s."""
     if schedule == "constant":
         return lr
     if schedule != "cosine":
