@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import warnings
 
@@ -104,6 +105,8 @@ def train_lora(peft_model, examples: list[dict], tokenizer, out_dir: str, *, lr:
         trainer.train()
     finally:
         tokenizer.padding_side = side
+        if os.path.isdir(out_dir) and not os.listdir(out_dir):  # Trainer makes output_dir; nothing is saved there
+            os.rmdir(out_dir)
         if grad_checkpointing:
             peft_model.base_model.model.activation_checkpointing_disable()
         peft_model.eval()

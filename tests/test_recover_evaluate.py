@@ -161,6 +161,7 @@ def test_run_recovery_reports_curve_and_time(tmp_path):
     assert [c["lr"] for c in r["loss_curve"]] == pytest.approx(
         [0.5e-3 * (1 + math.cos(math.pi * k / 6)) for k in range(6)], rel=1e-3)
     assert not any(hasattr(m, "lora_A") for m in model.modules()) and not model.training
+    assert sorted(os.listdir(tmp_path)) == ["instruct"]  # no empty Trainer output folder left in the run directory
 
 
 def test_recover_configs_match_the_papers():
