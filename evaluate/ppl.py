@@ -17,6 +17,12 @@ from llmsp.prune.data import eval_tokens
 log = logging.getLogger(__name__)
 
 
+def eval_windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Token ids (N,) -> the non-overlapping windows (N // seq_len, seq_len); the tail shorter than a window is dropped."""
+    n = ids.numel() // seq_len
+    return ids[: n * seq_len].view(n, seq_len)
+
+
 @torch.no_grad()
 def window_nll(model, windows: torch.Tensor, batch_size: int, desc: str = "ppl") -> torch.Tensor:
     """Per-token NLL, fp32, for every window: (n_windows, seq_len - 1)."""
@@ -33,8 +39,8 @@ def window_nll(model, windows: torch.Tensor, batch_size: int, desc: str = "ppl")
 def perplexity(model, tokenizer, dataset: str, split: str, root: str | None, seq_len: int = 128,
                batch_size: int = 8, max_windows: int | None = None) -> dict:
     ids = eval_tokens(tokenizer, dataset, split, root)
-    n = ids.numel() // seq_len
-    windows = ids[: n * seq_len].view(n, seq_len)  # (n_windows, T)
+    windows = eval_windows(ids, seq_len)  # (n_windows, T)
+    n = len(windows)
     if max_windows:
         windows = windows[:max_windows]
     log.info("ppl %s/%s: %d of %d windows (%d tokens)", dataset, split, len(windows), n, len(windows) * seq_len)

@@ -30,7 +30,7 @@ def main(argv=None) -> list[dict]:
 
     from omegaconf import OmegaConf
 
-    from llmsp.evaluate.ppl import window_nll
+    from llmsp.evaluate.ppl import eval_windows, window_nll
     from llmsp.prune.allocation import model_ratio
     from llmsp.prune.data import eval_tokens
     from llmsp.prune.masks import Masker
@@ -54,8 +54,7 @@ def main(argv=None) -> list[dict]:
     windows = {}
     for d in ev.datasets:
         ids = eval_tokens(tok, d, ev.splits[d], cfg.data.root)
-        n = ids.numel() // ev.seq_len
-        windows[d] = ids[: n * ev.seq_len].view(n, ev.seq_len)[:max_windows]  # (W, T)
+        windows[d] = eval_windows(ids, ev.seq_len)[:max_windows]  # (W, T)
     rows = []
     for path in paths:
         step = int(re.search(r"step(\d+)", path).group(1))

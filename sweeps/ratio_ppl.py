@@ -34,7 +34,7 @@ def main(argv=None) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from llmsp.evaluate.ppl import window_nll
+    from llmsp.evaluate.ppl import eval_windows, window_nll
     from llmsp.prune.allocation import select
     from llmsp.prune.data import eval_tokens
     from llmsp.prune.masks import Masker
@@ -59,8 +59,7 @@ def main(argv=None) -> dict:
         for d in ev.datasets:
             if d not in windows:
                 ids = eval_tokens(tok, d, ev.splits[d], cfg.data.root)
-                n = ids.numel() // ev.seq_len
-                windows[d] = ids[: n * ev.seq_len].view(n, ev.seq_len)[: args.max_windows]  # (W, T)
+                windows[d] = eval_windows(ids, ev.seq_len)[: args.max_windows]  # (W, T)
         method = build_method(cfg)
         ratios = [0.0] if name == "dense" else args.ratios
         scores = None

@@ -26,6 +26,7 @@ import math
 import torch
 
 from llmsp.prune.allocation import select
+from llmsp.prune.methods.pg.projection import bisect
 from llmsp.prune.methods.pg.units import UnitTable
 
 
@@ -40,11 +41,7 @@ def on_budget(x: torch.Tensor, cost: torch.Tensor, budget: torch.Tensor, group: 
 
     lo = torch.full((G,), -60.0, dtype=torch.float64) - x.max()
     hi = torch.full((G,), 60.0, dtype=torch.float64) - x.min()
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        over = used(mid) > budget
-        hi = torch.where(over, mid, hi)
-        lo = torch.where(over, lo, mid)
+    lo, hi = bisect(lambda b: used(b) <= budget, lo, hi, iters)
     return torch.sigmoid(x + ((lo + hi) / 2)[group])
 
 

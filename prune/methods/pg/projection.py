@@ -27,6 +27,16 @@ import torch
 METRICS = ("euclid", "param")
 
 
+def bisect(right, lo: torch.Tensor, hi: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group bisection on a scalar shift: lo, hi (G,) bracket each group's root; right(mid) (G,) bool says the
+    root lies above mid. Returns the final (lo, hi)."""
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        r = right(mid)
+        lo, hi = torch.where(r, mid, lo), torch.where(r, hi, mid)
+    return lo, hi
+
+
 def project(z: torch.Tensor, cost: torch.Tensor, budget: torch.Tensor, group: torch.Tensor | None = None,
             metric: str = "euclid", iters: int = 64) -> torch.Tensor:
     """z, cost: (n,); budget: (G,) kept cost allowed per group; group: (n,) long in [0, G) (None: one group).
@@ -51,12 +61,7 @@ def project(z: torch.Tensor, cost: torch.Tensor, budget: torch.Tensor, group: to
         return z.clamp(0, 1).to(dtype)
     # at v = max_i z_i / w_i every s_i is 0, which is feasible for budget >= 0
     hi = torch.zeros(G, dtype=torch.float64).scatter_reduce(0, group, (z / w).clamp(min=0), "amax")
-    lo = torch.zeros(G, dtype=torch.float64)
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        over = used(mid) > budget
-        lo = torch.where(over, mid, lo)
-        hi = torch.where(over, hi, mid)
+    _, hi = bisect(lambda v: used(v) > budget, torch.zeros(G, dtype=torch.float64), hi, iters)
     v = torch.where(active, hi, torch.zeros_like(hi))  # hi is always on the feasible side
     return (z - v[group] * w).clamp(0, 1).to(dtype)
 
