@@ -1,7 +1,8 @@
 """Evaluation stages, run in order on the (pruned, possibly recovered) model.
 
 `run_evaluations` runs every stage whose key is present in the `evaluate` config, in this order:
-ppl, zeroshot, mmlu, efficiency, generate, and writes results after each. `check_evaluations`
+ppl, zeroshot, mmlu, efficiency, generate, and writes results after each, with the model cast to
+`evaluate.dtype` (null: the run's `dtype`) for the stages and cast back afterwards. `check_evaluations`
 fails fast (before any model loads) on missing local task files and unknown tasks, and resolves the
 default zero-shot task list to the tasks that have local files; `measure_dense_reference` is
 called by the pipeline on the freshly loaded model, before slicing, so the efficiency report can
@@ -10,6 +11,9 @@ compare dense and pruned in one run.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
+
+import torch
 
 from llmsp.evaluate.ppl import perplexity
 
@@ -74,16 +78,46 @@ def check_evaluations(cfg, out_dir: str) -> tuple[list[str], dict]:
     return sorted({f for t in names for f in data_files(rendered, t)}), left_out
 
 
+@contextmanager
+def evaluation_dtype(model, name: str | None):
+    """Run the block with the model's floating-point weights in dtype `name` (None: as they are), then cast back.
+
+    Up-casting (bf16 -> fp32) and the cast back are exact. Down-casting (fp32 weights evaluated in bf16) rounds the
+    weights, and the cast back cannot undo it: a warning says so, since a later `save_model` stores the rounded weights.
+    """
+    from llmsp.prune.models import resolve_dtype
+
+    before = next(model.parameters()).dtype
+    target = before if name is None else resolve_dtype(name)
+    if target == before:
+        yield
+        return
+    if torch.finfo(target).eps > torch.finfo(before).eps:
+        log.warning("evaluate.dtype=%s is coarser than the model's %s: the weights are rounded to it for good", name, before)
+    model.to(target)
+    try:
+        yield
+    finally:
+        model.to(before)
+
+
 def measure_dense_reference(cfg, model, meter, results: dict) -> None:
     """Efficiency figures of the unpruned model (call before slicing); kept until the report is built."""
     if cfg.evaluate.get("efficiency"):
         from llmsp.evaluate.efficiency import measure
 
-        with meter.stage("efficiency_dense"):
+        with meter.stage("efficiency_dense"), evaluation_dtype(model, cfg.evaluate.get("dtype")):
             results["efficiency"] = {"dense": measure(model, cfg.evaluate.efficiency)}
 
 
 def run_evaluations(cfg, model, tokenizer, meter, results: dict, save, out_dir: str | None = None) -> None:
+    ev = cfg.evaluate
+    results["evaluate_dtype"] = ev.get("dtype") or cfg.dtype
+    with evaluation_dtype(model, ev.get("dtype")):
+        _run_stages(cfg, model, tokenizer, meter, results, save, out_dir)
+
+
+def _run_stages(cfg, model, tokenizer, meter, results: dict, save, out_dir: str | None) -> None:
     ev = cfg.evaluate
     if ev.get("ppl"):
         results["ppl"], results["ppl_windows"] = {}, {}

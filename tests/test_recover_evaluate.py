@@ -271,3 +271,30 @@ def test_greedy_generation_equals_manual_argmax_loop(name):
             for _ in range(6):
                 ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], 1)
         assert o["completion"] == tok.decode(ids[0, len(tok(o["prompt"]).input_ids):], skip_special_tokens=True)
+
+
+def test_evaluate_dtype_float32_runs_a_bf16_model_in_fp32_and_casts_back(data_root):
+    """evaluate.dtype=float32: the stages see fp32 logits and the PPL equals an fp32 copy's; the model is bf16 again
+    afterwards. evaluate.dtype=null keeps the run's dtype (bf16 logits)."""
+    from llmsp.evaluate import run_evaluations
+    from llmsp.evaluate.ppl import perplexity
+
+    model, tok, _ = tiny_model("tiny_llama_gqa", torch.bfloat16)
+    reference = perplexity(tiny_model("tiny_llama_gqa", torch.bfloat16)[0].float(), tok, "ptb", "validation",
+                           data_root, 32, 4, 2)["ppl"]
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    for dtype, want in (("float32", torch.float32), ("null", torch.bfloat16)):
+        with initialize_config_dir(os.path.join(ROOT, "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=["model=tiny_llama_gqa", "dtype=bfloat16", f"evaluate.dtype={dtype}",
+                                               "evaluate.ppl.datasets=[ptb]", "evaluate.ppl.seq_len=32",
+                                               "evaluate.ppl.batch_size=4", "evaluate.ppl.max_windows=2",
+                                               f"data.root={data_root}"])
+        seen.clear()
+        results = {}
+        run_evaluations(cfg, model, tok, StageMeter(torch.device("cpu")), results, lambda: None)
+        assert seen and set(seen) == {want}
+        assert next(model.parameters()).dtype == torch.bfloat16
+        assert results["evaluate_dtype"] == ("bfloat16" if dtype == "null" else "float32")
+        if dtype == "float32":
+            assert results["ppl"]["ptb"] == pytest.approx(reference, rel=1e-6)
