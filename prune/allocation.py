@@ -90,7 +90,8 @@ def _plan_from_removed(s: ModelStructure, rm_heads: dict, rm_ch: dict) -> KeepPl
 
 def select(s: ModelStructure, scores: dict, ratio: float, first: int, last: int, allocation: str = "uniform",
            heads: bool = True, channels: bool = True) -> KeepPlan:
-    """scores: {"heads": [Tensor(n_heads)] per layer, "channels": [Tensor(n_channels)] per layer}."""
+    """scores: {"heads": [Tensor(n_heads)] per layer, "channels": [Tensor(n_channels)] per layer}; "groups"
+    ([Tensor(n_kv)] per layer) in place of "heads" removes whole KV groups (a KV head and all its query heads)."""
     check_feasible(s, ratio, first, last, heads, channels)
     layers = prunable_layers(s, first, last)
     target = ratio * s.total_params
@@ -101,16 +102,24 @@ def select(s: ModelStructure, scores: dict, ratio: float, first: int, last: int,
     raise ValueError(f"allocation={allocation!r}: choose uniform or global")
 
 
+def _group_heads(info, groups: list[int]) -> list[int]:
+    """The query heads of KV groups `groups`."""
+    return [h for h in range(info.n_heads) if info.kv_of(h) in set(groups)]
+
+
 def _uniform(s, scores, target, layers, heads, channels) -> KeepPlan:
     p = target / max_removable(s, layers, heads, channels)
     rm_heads, removed = {}, 0
+    by_group = "groups" in scores
     if heads:
         for i in layers:
             info = s.layers[i]
-            k = round(p * info.n_heads) if channels else None
-            if k is None:  # heads alone carry the budget: spread it over layers
-                k = min(info.n_heads, round(target / len(layers) / (info.q_head_cost + info.kv_head_cost / info.group_size)))
-            rm_heads[i] = _lowest(scores["heads"][i], k)
+            n = info.n_kv if by_group else info.n_heads
+            per = info.group_size * info.q_head_cost + info.kv_head_cost if by_group else \
+                info.q_head_cost + info.kv_head_cost / info.group_size
+            k = round(p * n) if channels else min(n, round(target / len(layers) / per))  # heads alone: spread it
+            rm_heads[i] = _group_heads(info, _lowest(scores["groups"][i], k)) if by_group else \
+                _lowest(scores["heads"][i], k)
         plan = _plan_from_removed(s, rm_heads, {})
         removed = sum(plan.layer_params_removed(s, i) for i in layers)
     rm_ch = {}
@@ -131,7 +140,10 @@ def _global(s, scores, target, layers, heads, channels) -> KeepPlan:
     units = []  # (score per parameter, layer, kind, index)
     for i in layers:
         info = s.layers[i]
-        if heads:
+        if heads and "groups" in scores:
+            per = info.group_size * info.q_head_cost + info.kv_head_cost
+            units += [(float(v) / per, i, "g", j) for j, v in enumerate(scores["groups"][i].tolist())]
+        elif heads:
             per = info.q_head_cost + info.kv_head_cost / info.group_size
             units += [(float(v) / per, i, "h", j) for j, v in enumerate(scores["heads"][i].tolist())]
         if channels:

@@ -108,24 +108,34 @@ def _hand_inputs_and_grads(model, info, paths, batch, gbs):
 LLAMA = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
-def _hand_unit_scores(info, imp, combine):
-    """Heads (GQA: q rows + o columns) and channels (gate, up rows + down columns) from element scores."""
+def _hand_unit_scores(info, imp, combine, order="unit"):
+    """Heads (GQA: q rows + o columns) and channels (gate, up rows + down columns) from element scores.
+    order "unit": each matrix's head slice summed, then combined; "index": q row d and o column d of the head
+    combined first, then summed over the head's d (LLM-Pruner's code path)."""
     hd = info.head_dim
-    heads = torch.stack([torch.stack([imp["self_attn.q_proj"][h * hd:(h + 1) * hd].sum(),
-                                      imp["self_attn.o_proj"][:, h * hd:(h + 1) * hd].sum()]) for h in range(info.n_heads)])
+    q, o = imp["self_attn.q_proj"], imp["self_attn.o_proj"]
+    if order == "unit":
+        heads = combine(torch.stack([torch.stack([q[h * hd:(h + 1) * hd].sum(), o[:, h * hd:(h + 1) * hd].sum()])
+                                     for h in range(info.n_heads)]))
+    else:
+        heads = torch.stack([sum(combine(torch.stack([q[r].sum(), o[:, r].sum()])[None])[0]
+                                 for r in range(h * hd, (h + 1) * hd)) for h in range(info.n_heads)])
     ch = torch.stack([torch.stack([imp["mlp.gate_proj"][c].sum(), imp["mlp.up_proj"][c].sum(),
                                    imp["mlp.down_proj"][:, c].sum()]) for c in range(info.n_channels)])
-    return combine(heads), combine(ch)
+    return heads, combine(ch)
 
 
-@pytest.mark.parametrize("criterion,taylor,vectorwise,agg,ckpt", [
-    ("wxg", "first", False, "max", False), ("wg", "first", False, "sum", False), ("wg", "second", False, "sum", False),
-    ("wg", "mix", False, "sum", True), ("wg", "first", True, "sum", False), ("wx", "first", False, "max", False)])
-def test_backprop_scores_match_hand_computation(criterion, taylor, vectorwise, agg, ckpt):
+@pytest.mark.parametrize("criterion,taylor,vectorwise,agg,ckpt,order", [
+    ("wxg", "first", False, "max", False, "index"), ("wxg", "first", False, "max", False, "unit"),
+    ("wg", "first", False, "sum", False, "index"), ("wg", "second", False, "sum", False, "index"),
+    ("wg", "mix", False, "sum", True, "index"), ("wg", "first", True, "sum", False, "index"),
+    ("wx", "first", False, "max", False, "index"), ("wx", "first", False, "max", False, "unit")])
+def test_backprop_scores_match_hand_computation(criterion, taylor, vectorwise, agg, ckpt, order):
     model, _, s = tiny_model("tiny_llama_gqa", torch.float64)
     batch = torch.randint(3, 259, (4, 16), generator=torch.Generator().manual_seed(0))  # (N, T)
     m = GradientScoring("t", criterion=criterion, gradient="backprop", taylor=taylor, vectorwise=vectorwise,
-                        aggregation=agg, grad_samples=4, grad_batch_size=1, act_samples=4, gradient_checkpointing=ckpt)
+                        aggregation=agg, grad_samples=4, grad_batch_size=1, act_samples=4, gradient_checkpointing=ckpt,
+                        aggregation_order=order)
     scores = m.scores(_ctx(model, s, batch))
     combine = (lambda t: t.max(1).values) if agg == "max" else (lambda t: t.sum(1))
     for i in (0, 3):
@@ -148,9 +158,28 @@ def test_backprop_scores_match_hand_computation(criterion, taylor, vectorwise, a
                 for u, blk in enumerate(blocks):
                     idx = (u * width, 0) if axis == 0 else (0, u * width)
                     imp[p][idx] = blk.sum().abs()
-        heads, ch = _hand_unit_scores(info, imp, combine)
+        heads, ch = _hand_unit_scores(info, imp, combine, order)
         torch.testing.assert_close(scores["heads"][i].double(), heads, rtol=1e-4, atol=1e-9)
         torch.testing.assert_close(scores["channels"][i].double(), ch, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("order", ["index", "unit"])
+def test_max_head_aggregation_orders_match_hand_computation(order):
+    """aggregation=max on a toy layer whose per-index winner switches between q rows and o columns: "index" (max per
+    hidden index, then the sum over head_dim, LLM-Pruner's code path) and "unit" (sum per matrix, then max) each
+    equal their hand computation, and they differ from each other."""
+    from llmsp.prune.scoring import structure_scores
+
+    _, _, s = tiny_model("tiny_llama_gqa", torch.float64)
+    imps = {p: torch.rand(s.layers[0].linear(p).weight.shape, generator=torch.Generator().manual_seed(j),
+                          dtype=torch.float64) for j, p in enumerate(LLAMA)}
+    scores = structure_scores(s, lambda info, c, lin: imps[c.path], "max", [0], order=order)
+    combine = lambda t: t.max(1).values  # noqa: E731
+    heads, ch = _hand_unit_scores(s.layers[0], imps, combine, order)
+    torch.testing.assert_close(scores["heads"][0].double(), heads, rtol=1e-6, atol=0)  # summed in fp32
+    torch.testing.assert_close(scores["channels"][0].double(), ch, rtol=1e-6, atol=0)
+    other = _hand_unit_scores(s.layers[0], imps, combine, {"index": "unit", "unit": "index"}[order])[0]
+    assert (other - heads).abs().min() > 1e-3 * heads.abs().max()
 
 
 def test_sparsegpt_saliency_matches_hand_computation():
@@ -232,3 +261,76 @@ def test_similarity_of_pruned_sets(tmp_path, capsys):
     similarity_main([c, c, "--out", str(out)])
     assert json.load(open(out))["mean"] == {"channels": 1.0, "heads": 1.0}
     assert "mean" in capsys.readouterr().out
+
+
+def test_llm_pruner_gqa_unit_group_removes_whole_aligned_groups():
+    """gqa_unit=group: group g is scored on its own k/v rows plus the q rows and o columns of query heads
+    g·gs .. g·gs+gs-1 (hand computation), and the plan removes whole groups: a KV head with exactly those heads."""
+    from llmsp.prune.methods.llm_pruner import LLMPruner
+
+    model, _, s = tiny_model("tiny_llama_gqa", torch.float64)  # 4 query heads over 2 KV heads, 4 layers
+    batch = torch.randint(3, 259, (4, 16), generator=torch.Generator().manual_seed(0))
+    m = LLMPruner(gqa_unit="group", grad_samples=4, grad_seq_len=None)
+    ctx = _ctx(model, s, batch)
+    scores = m.scores(ctx)
+    assert "heads" not in scores and all(len(g) == s.layers[0].n_kv for g in scores["groups"])
+    paths = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    for i in (0, 2):
+        info = s.layers[i]
+        _, g, _ = _hand_inputs_and_grads(model, info, paths, batch, 1)
+        imp = {p: (info.linear(p).weight * g[p]).abs() for p in paths}
+        hd, gs = info.head_dim, info.group_size
+        want = torch.stack([imp["self_attn.k_proj"][kv * hd:(kv + 1) * hd].sum()
+                            + imp["self_attn.v_proj"][kv * hd:(kv + 1) * hd].sum()
+                            + imp["self_attn.q_proj"][kv * gs * hd:(kv + 1) * gs * hd].sum()
+                            + imp["self_attn.o_proj"][:, kv * gs * hd:(kv + 1) * gs * hd].sum()
+                            for kv in range(info.n_kv)])
+        torch.testing.assert_close(scores["groups"][i].double(), want, rtol=1e-5, atol=0)
+    plan = m.plan(ctx)
+    removed_any = False
+    for i, info in enumerate(s.layers):
+        gone = set(range(info.n_heads)) - set(plan.heads[i])
+        groups = {info.kv_of(h) for h in gone}
+        assert gone == {h for h in range(info.n_heads) if info.kv_of(h) in groups}  # whole, aligned groups only
+        removed_any |= bool(gone)
+    assert removed_any
+    assert abs(plan.achieved_ratio(s) - 0.3) * s.total_params <= s.layers[0].channel_cost
+
+
+def test_global_allocation_of_group_scores_removes_the_lowest_groups_whole():
+    """select() with "groups" scores and allocation=global: the groups scored lowest per parameter go whole."""
+    from llmsp.prune.allocation import select
+
+    _, _, s = tiny_model("tiny_llama_gqa")
+    scores = {"groups": [torch.ones(l.n_kv) for l in s.layers], "channels": [torch.ones(l.n_channels) for l in s.layers]}
+    scores["groups"][1][1] = scores["groups"][3][0] = 0.0
+    info = s.layers[1]
+    group_cost = info.group_size * info.q_head_cost + info.kv_head_cost
+    plan = select(s, scores, 2 * group_cost / s.total_params, 0, 0, "global")
+    assert plan.heads[1] == [0, 1] and plan.heads[3] == [2, 3] and plan.heads[0] == plan.heads[2] == [0, 1, 2, 3]
+    assert all(len(c) == l.n_channels for c, l in zip(plan.channels, s.layers))
+
+
+def test_null_gradient_keeps_the_scale_and_removes_the_information():
+    """gradient=null runs the same SPSA forwards, then replaces each projected gradient by noise of the same RMS;
+    keep_first(n) rebuilds Ĝ from the first n perturbations of each batch only."""
+    from llmsp.prune.methods.gradient_scoring import ZOGradients
+
+    model, _, s = tiny_model("tiny_llama_gqa", torch.float64)  # float64: perturb/restore leaves no drift between runs
+    batch = torch.randint(3, 259, (3, 16), generator=torch.Generator().manual_seed(0))
+    named = [("0:mlp.down_proj", s.layers[0].linear("mlp.down_proj"))]
+    real, null = (ZOGradients(named, 1e-3, 4, seed=0, null=n) for n in (False, True))
+    real.run(model, batch, 1)
+    null.run(model, batch, 1)
+    assert real.measured == pytest.approx(null.measured)  # same forwards, same perturbations
+    g, n = torch.tensor(real.spsa.gs), torch.tensor(null.spsa.gs)
+    assert len(n) == 12 and not torch.allclose(g, n)
+    assert 0.3 < n.pow(2).mean().sqrt() / g.pow(2).mean().sqrt() < 3  # the same scale
+    full = real.grad("0:mlp.down_proj")
+    real.keep_first(1)
+    first = real.grad("0:mlp.down_proj")
+    want = sum(real.spsa.z(k, 0) * real.spsa.gs[k] for k in (0, 4, 8)) / 3  # batch b's first perturbation: k = 4b
+    torch.testing.assert_close(first, want)
+    assert not torch.allclose(first, full)
+    with pytest.raises(ValueError, match="keep_first"):
+        real.keep_first(5)

@@ -11,6 +11,7 @@ from llmsp.prune.data import calibration_batch
 from llmsp.prune.logger import NullLogger
 from llmsp.prune.memory import StageMeter
 from llmsp.prune.plan import KeepPlan
+from llmsp.prune.scoring import structure_scores
 from llmsp.prune.structure import ModelStructure
 
 
@@ -57,11 +58,19 @@ class PruningMethod:
 
 
 class ScoringMethod(PruningMethod):
-    """A method defined by per-unit scores; the shared allocation turns them into a plan."""
+    """A method defined by per-unit scores; the shared allocation turns them into a plan.
 
-    def __init__(self, name: str, aggregation: str = "sum", heads: bool = True, channels: bool = True):
+    aggregation, aggregation_order and gqa_unit are prune/scoring.py's aggregation, order and head_unit."""
+
+    def __init__(self, name: str, aggregation: str = "sum", heads: bool = True, channels: bool = True,
+                 aggregation_order: str = "index", gqa_unit: str = "head"):
         super().__init__(name, heads, channels)
-        self.aggregation = aggregation
+        self.aggregation, self.aggregation_order, self.gqa_unit = aggregation, aggregation_order, gqa_unit
+
+    def unit_scores(self, s: ModelStructure, importance, layers: list[int], matrices: str = "all") -> dict:
+        """structure_scores with this method's aggregation, order and head unit."""
+        return structure_scores(s, importance, self.aggregation, layers, matrices, self.aggregation_order,
+                                self.gqa_unit)
 
     def scores(self, ctx: PruneContext) -> dict:
         raise NotImplementedError

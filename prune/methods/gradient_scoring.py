@@ -1,13 +1,18 @@
 """Gradient-based unit scores shared by MINI-LLM and LLM-Pruner, and the criteria of the ablations.
 
 Per element of every coupled weight W (out, in) of a prunable layer, with G the loss gradient
-(backprop, or the SPSA estimate Ĝ) and ‖X_j‖₂ the L2 norm over calibration tokens of input feature j:
+(backprop, the SPSA estimate Ĝ, or "null": SPSA with its loss differences replaced by noise) and ‖X_j‖₂ the L2
+norm over calibration tokens of input feature j:
 - criterion "wg":  |W·G| (LLM-Pruner element-wise, first order); taylor "second": |W·F·W| with F the
   diagonal empirical Fisher (mean of squared batch gradients); "mix": |W·G − ½ W·F·W|.
   vectorwise: |Σ W·G| over each unit's slice of a matrix (the paper's vector-wise |ΔL|).
 - criterion "wxg": |W|·‖X‖·|G|   (MINI-LLM's feature map sensitivity, FMS)
 - criterion "wx":  |W|·‖X‖       (Wanda's, no gradient)
-Per-unit scores sum each unit's slice in a matrix and combine matrices by `aggregation`.
+Per-unit scores combine the coupled matrices by `aggregation` in `aggregation_order` (prune/scoring.py).
+
+Calibration: the activation norms use `act_samples` x calibration.seq_len tokens; the gradient uses its own
+seeded draw of `grad_samples` x `grad_seq_len` tokens (LLM-Pruner: 10 x 64; null: calibration.seq_len, then the
+gradient samples are the first activation samples).
 
 Stages (each metered for time and peak memory): dense_forward (one plain forward + fp32 loss at the
 largest batch the scoring uses, the reference for memory ratios), activations, gradient, score.
@@ -24,7 +29,6 @@ from llmsp.prune.calibration import InputStats, run_batches
 from llmsp.prune.methods.base import PruneContext, ScoringMethod
 from llmsp.prune.methods.zo_gradient import SPSA, lm_loss
 from llmsp.prune.plan import KeepPlan
-from llmsp.prune.scoring import structure_scores
 from llmsp.prune.structure import Coupled, LayerInfo, ModelStructure
 
 CRITERIA = ("wg", "wxg", "wx")
@@ -51,13 +55,18 @@ def watched_inputs(s: ModelStructure, layers: list[int]) -> dict:
     return out
 
 
-def scored_weights(s: ModelStructure, layers: list[int]) -> list[tuple[str, torch.nn.Linear]]:
-    """(i:path, Linear) of every coupled matrix whose importance is used (k/v skipped under GQA)."""
+def skips_kv(info: LayerInfo, c: Coupled, gqa_unit: str) -> bool:
+    """Shared k/v rows under GQA score no single query head; they belong to a whole-group unit."""
+    return c.kind == "kv" and info.group_size > 1 and gqa_unit == "head"
+
+
+def scored_weights(s: ModelStructure, layers: list[int], gqa_unit: str = "head") -> list[tuple[str, torch.nn.Linear]]:
+    """(i:path, Linear) of every coupled matrix whose importance is used."""
     out = []
     for i in layers:
         info = s.layers[i]
         for c in info.head_weights + info.channel_weights:
-            if c.kind == "kv" and info.group_size > 1:
+            if skips_kv(info, c, gqa_unit):
                 continue
             out.append((f"{i}:{c.path}", info.linear(c.path)))
     return out
@@ -147,12 +156,20 @@ class BackpropGradients:
 
 
 class ZOGradients:
-    """Ĝ from SPSA: n_perturbations projected gradients per batch, averaged over all batches."""
+    """Ĝ from SPSA: n_perturbations projected gradients per batch, averaged over all batches.
 
-    def __init__(self, named: list[tuple[str, torch.nn.Linear]], eps: float, n_perturbations: int, seed: int):
+    null=True is the ablation that keeps SPSA's noise and removes its information: the same forwards run, then
+    every projected gradient g_k is replaced by an independent N(0, rms(g)²) draw, so Ĝ = mean_k g'_k z_k has the
+    scale of the real estimate and no relation to the loss. `keep_first(n)` restricts Ĝ to the first n
+    perturbations of every batch (the estimate a run with n_perturbations=n would make, from the same draws)."""
+
+    def __init__(self, named: list[tuple[str, torch.nn.Linear]], eps: float, n_perturbations: int, seed: int,
+                 null: bool = False):
         self.index = {k: j for j, (k, _) in enumerate(named)}
         self.spsa = SPSA([lin.weight for _, lin in named], eps, seed)
-        self.n = n_perturbations
+        self.n, self.null, self.seed = n_perturbations, null, seed
+        self.measured: list[float] = []  # the real g_k (== spsa.gs unless null)
+        self.used: list[int] | None = None  # estimates Ĝ averages over (None: all)
 
     @torch.no_grad()
     def run(self, model, batch: torch.Tensor, batch_size: int) -> None:
@@ -160,33 +177,49 @@ class ZOGradients:
             b = batch[i:i + batch_size]
             for _ in range(self.n):
                 self.spsa.project(lambda: lm_loss(model, b))
+        self.measured = list(self.spsa.gs)
+        if self.null:
+            g = torch.tensor(self.measured)
+            noise = torch.randn(len(g), generator=torch.Generator().manual_seed(self.seed + 7919), dtype=torch.float64)
+            self.spsa.gs = (noise * g.double().pow(2).mean().sqrt()).tolist()
+
+    def keep_first(self, n: int) -> None:
+        if not 1 <= n <= self.n:
+            raise ValueError(f"keep_first({n}): choose 1..{self.n} perturbations per batch")
+        self.used = [k for k in range(len(self.spsa.gs)) if k % self.n < n]
 
     def grad(self, key: str) -> torch.Tensor:
-        return self.spsa.grad(self.index[key])
+        return self.spsa.grad(self.index[key], self.used)
+
+
+GRADIENTS = ("zo", "backprop", "null")
 
 
 class GradientScoring(ScoringMethod):
-    """Scores units with one of CRITERIA; G from `gradient` = "backprop" or "zo" (SPSA)."""
+    """Scores units with one of CRITERIA; G from `gradient` = "backprop", "zo" (SPSA) or "null" (SPSA noise)."""
 
     def __init__(self, name: str, criterion: str = "wxg", gradient: str = "zo", taylor: str = "first",
-                 vectorwise: bool = False, grad_samples: int = 10, grad_batch_size: int = 1, act_samples: int = 128,
-                 eps: float = 1e-3, n_perturbations: int = 1, gradient_checkpointing: bool = False,
-                 dense_forward: bool = True, aggregation: str = "max", heads: bool = True, channels: bool = True):
-        super().__init__(name, aggregation, heads, channels)
+                 vectorwise: bool = False, grad_samples: int = 10, grad_seq_len: int | None = None,
+                 grad_batch_size: int = 1, act_samples: int = 128, eps: float = 1e-3, n_perturbations: int = 1,
+                 gradient_checkpointing: bool = False, dense_forward: bool = True, aggregation: str = "max",
+                 aggregation_order: str = "index", gqa_unit: str = "head", heads: bool = True, channels: bool = True):
+        super().__init__(name, aggregation, heads, channels, aggregation_order, gqa_unit)
         if criterion not in CRITERIA:
             raise ValueError(f"criterion={criterion!r}: choose one of {CRITERIA}")
-        if gradient not in ("zo", "backprop"):
-            raise ValueError(f"gradient={gradient!r}: choose zo or backprop")
+        if gradient not in GRADIENTS:
+            raise ValueError(f"gradient={gradient!r}: choose one of {GRADIENTS}")
         if taylor not in TAYLOR:
             raise ValueError(f"taylor={taylor!r}: choose one of {TAYLOR}")
         if taylor != "first" and (criterion != "wg" or gradient != "backprop"):
             raise ValueError(f"taylor={taylor} needs criterion=wg and gradient=backprop (the Fisher needs true gradients)")
         if vectorwise and (criterion != "wg" or taylor != "first"):
             raise ValueError("vectorwise importance is defined for criterion=wg, taylor=first")
-        if min(grad_samples, grad_batch_size, act_samples, n_perturbations) < 1:
-            raise ValueError("grad_samples, grad_batch_size, act_samples and n_perturbations must be >= 1")
+        if min(grad_samples, grad_batch_size, act_samples, n_perturbations, grad_seq_len or 2) < 1 or grad_seq_len == 1:
+            raise ValueError("grad_samples, grad_batch_size, act_samples and n_perturbations must be >= 1, "
+                             "grad_seq_len >= 2 (or null)")
         self.criterion, self.gradient, self.taylor, self.vectorwise = criterion, gradient, taylor, vectorwise
         self.grad_samples, self.grad_batch_size, self.act_samples = grad_samples, grad_batch_size, act_samples
+        self.grad_seq_len = grad_seq_len
         self.eps, self.n_perturbations = eps, n_perturbations
         self.gradient_checkpointing, self.dense_forward = gradient_checkpointing, dense_forward
 
@@ -209,15 +242,16 @@ class GradientScoring(ScoringMethod):
         return stats
 
     def _gradients(self, ctx: PruneContext, batch: torch.Tensor):
-        named = scored_weights(ctx.structure, ctx.prunable)
+        named = scored_weights(ctx.structure, ctx.prunable, self.gqa_unit)
         with ctx.meter.stage("gradient"):
-            if self.gradient == "zo":
-                src = ZOGradients(named, self.eps, self.n_perturbations, ctx.seed)
+            if self.gradient in ("zo", "null"):
+                src = ZOGradients(named, self.eps, self.n_perturbations, ctx.seed, null=self.gradient == "null")
                 src.run(ctx.model, batch, self.grad_batch_size)
                 d = src.spsa.loss_deltas
                 ctx.extras["zo"] = {"eps": self.eps, "n_perturbations": self.n_perturbations, "estimates": len(d),
                                     "mean_abs_loss_delta": sum(d) / len(d), "min_abs_loss_delta": min(d),
-                                    "projected_grads": src.spsa.gs}
+                                    "projected_grads": src.measured, "null": src.null,
+                                    **({"null_projected_grads": src.spsa.gs} if src.null else {})}
             else:
                 src = BackpropGradients(named, fisher=self.taylor != "first")
                 layers = [ctx.structure.layers[i].module for i in ctx.prunable]
@@ -229,8 +263,8 @@ class GradientScoring(ScoringMethod):
         """The element-wise importance function of structure_scores for this criterion."""
         def imp(info: LayerInfo, c: Coupled, lin: torch.nn.Linear) -> torch.Tensor:
             w = lin.weight.float()  # (out, in)
-            if c.kind == "kv" and info.group_size > 1:
-                return torch.zeros_like(w)  # structure_scores ignores shared k/v rows under GQA
+            if skips_kv(info, c, self.gqa_unit):
+                return torch.zeros_like(w)  # structure_scores ignores them too
             if self.criterion == "wx" or self.criterion == "wxg":
                 xnorm = stats.sq[input_key(info, c)].sqrt().to(w.device)  # (in,)
                 out = w.abs() * xnorm[None, :]
@@ -245,20 +279,25 @@ class GradientScoring(ScoringMethod):
             return wfw.abs() if self.taylor == "second" else (wg - 0.5 * wfw).abs()
         return imp
 
-    def scores(self, ctx: PruneContext) -> dict:
-        s = ctx.structure
-        gsamples = self.grad_batch_size if self.uses_g else 0
-        bmax = max(gsamples, ctx.calibration["batch_size"] if self.uses_x else 0)
-        # One seeded draw: a smaller draw with the same seed is its prefix, so the gradient samples
-        # are the first grad_samples of the activation samples (and tokenizing happens once).
-        data = ctx.calib(n_samples=max(bmax, self.act_samples if self.uses_x else 0,
-                                       self.grad_samples if self.uses_g else 0))  # (N, T)
-        if self.dense_forward:
-            self._dense_forward(ctx, data[:bmax])
-        stats = self._activations(ctx, data[:self.act_samples]) if self.uses_x else None
-        grads = self._gradients(ctx, data[:self.grad_samples]) if self.uses_g else None
+    def calibration_data(self, ctx: PruneContext) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(activation samples (N_a, T), gradient samples (N_g, T_g)), None where the criterion needs none.
+        Both are seeded draws; one with the same length and seed as another is its prefix."""
+        act = ctx.calib(n_samples=self.act_samples) if self.uses_x else None
+        grad = ctx.calib(n_samples=self.grad_samples, seq_len=self.grad_seq_len) if self.uses_g else None
+        return act, grad
+
+    def scores_from(self, ctx: PruneContext, act: torch.Tensor | None, grad: torch.Tensor | None) -> dict:
+        if self.dense_forward:  # the plain-forward reference at the larger batch the scoring runs
+            batches = ([act[:ctx.calibration["batch_size"]]] if act is not None else []) + \
+                      ([grad[:self.grad_batch_size]] if grad is not None else [])
+            self._dense_forward(ctx, max(batches, key=torch.Tensor.numel))
+        stats = self._activations(ctx, act) if act is not None else None
+        grads = self._gradients(ctx, grad) if grad is not None else None
         with ctx.meter.stage("score"):
-            return structure_scores(s, self.importance(stats, grads), self.aggregation, ctx.prunable)
+            return self.unit_scores(ctx.structure, self.importance(stats, grads), ctx.prunable)
+
+    def scores(self, ctx: PruneContext) -> dict:
+        return self.scores_from(ctx, *self.calibration_data(ctx))
 
     def plan(self, ctx: PruneContext) -> KeepPlan:
         scores = self.scores(ctx)

@@ -5,7 +5,6 @@ import torch
 
 from llmsp.prune.methods.base import PruneContext, PruningMethod, ScoringMethod
 from llmsp.prune.plan import KeepPlan
-from llmsp.prune.scoring import structure_scores
 
 
 class Dense(PruningMethod):
@@ -34,5 +33,4 @@ class Magnitude(ScoringMethod):
         self.p = p
 
     def scores(self, ctx: PruneContext) -> dict:
-        return structure_scores(ctx.structure, lambda info, c, lin: lin.weight.abs().pow(self.p),
-                                self.aggregation, ctx.prunable)
+        return self.unit_scores(ctx.structure, lambda info, c, lin: lin.weight.abs().pow(self.p), ctx.prunable)

@@ -11,7 +11,6 @@ import torch
 from llmsp.prune.calibration import InputStats, run_batches
 from llmsp.prune.methods.base import PruneContext, ScoringMethod
 from llmsp.prune.methods.gradient_scoring import input_key, watched_inputs
-from llmsp.prune.scoring import structure_scores
 
 
 def inverse_hessian_diag(xtx: torch.Tensor, damp: float) -> torch.Tensor:
@@ -45,4 +44,4 @@ class SparseGPTSP(ScoringMethod):
             if key not in hinv:
                 hinv[key] = inverse_hessian_diag(stats.xtx.pop(key), self.damp)
             return obs_saliency(lin.weight, hinv[key]).float()
-        return structure_scores(ctx.structure, importance, self.aggregation, ctx.prunable)
+        return self.unit_scores(ctx.structure, importance, ctx.prunable)

@@ -84,14 +84,16 @@ class SPSA:
         return g
 
     @torch.no_grad()
-    def grad(self, j: int) -> torch.Tensor:
-        """Ĝ of matrix j = mean_k g_k z_kj, fp32 (one matrix-size buffer plus one z at a time)."""
+    def grad(self, j: int, ks: list[int] | None = None) -> torch.Tensor:
+        """Ĝ of matrix j = mean_k g_k z_kj over the perturbations `ks` (None: all), fp32 (one matrix-size buffer
+        plus one z at a time)."""
         if not self.gs:
             raise RuntimeError("no projected gradients yet: call project() first")
+        ks = range(len(self.gs)) if ks is None else ks
         out = torch.zeros(self.weights[j].shape, device=self.weights[j].device, dtype=torch.float32)
-        for k, g in enumerate(self.gs):
-            out.add_(self.z(k, j), alpha=g)
-        return out.div_(len(self.gs))
+        for k in ks:
+            out.add_(self.z(k, j), alpha=self.gs[k])
+        return out.div_(len(ks))
 
 
 @torch.no_grad()
