@@ -61,3 +61,42 @@ def run_batches(model: nn.Module, batch: torch.Tensor, batch_size: int, desc: st
     device = next(model.parameters()).device
     for i in tqdm(range(0, len(batch), batch_size), desc=desc, leave=False):
         model(input_ids=batch[i:i + batch_size].to(device))
+
+
+class _StopForward(Exception):
+    """Raised by layer_inputs' hook once the layer's input is captured: nothing after it needs to run."""
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, layer: nn.Module, batch: torch.Tensor, batch_size: int) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) that `layer` receives for each calibration batch, from a model forward stopped there.
+    The kwargs (attention mask, rotary position embeddings, ALiBi) are the same for every decoder layer, so the
+    list can be fed through the following layers one at a time (`run_layer`), as FLAP calibrates layer by layer."""
+    device = next(model.parameters()).device
+    captured = []
+
+    def hook(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(0, len(batch), batch_size):
+            try:
+                model(input_ids=batch[i:i + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """Run `layer` on every stored input; returns the next layer's inputs (its hidden states, the same kwargs)."""
+    out = []
+    for args, kwargs in inputs:
+        y = layer(*args, **kwargs)
+        y = y[0] if isinstance(y, tuple) else y  # (B, T, C)
+        out.append(((y,) + tuple(args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": y}))
+    return out

@@ -206,3 +206,41 @@ def test_slicegpt_slices_and_round_trips(name, tmp_path):
     assert num_params(loaded) == num_params(model)
     assert torch.allclose(loaded(input_ids=ids).logits, out, atol=1e-5)
     assert num_params(model) != s.total_params
+
+
+@pytest.mark.parametrize("name", ["tiny_llama_gqa", "tiny_opt", "tiny_bloom"])
+def test_sequential_wanda_sp_streams_layers_as_full_forwards_would(name):
+    """Sequential Wanda-sp streams the captured hidden states through one layer at a time. Reference: for each
+    layer i, a whole-model forward with layers < i masked to the plan so far, and layer i's o/down inputs scored by
+    hand (Σ_rows |W|·rms(x) per column, summed per head). Both must give the same scores; the one-pass mode must not."""
+    from llmsp.prune.allocation import select
+    from llmsp.prune.masks import Masker
+    from llmsp.prune.methods.wanda_sp import WandaSP
+
+    model, tok, s = tiny_model(name)
+    ids = _ids()
+    ctx = _ctx(model, tok, s, 0.3, ids)
+    ctx.allocation = "uniform"
+    got = WandaSP("wanda_sp", sequential=True).scores(ctx)
+    want = {"heads": [torch.ones(l.n_heads) for l in s.layers], "channels": [torch.ones(l.n_channels) for l in s.layers]}
+    for i, info in enumerate(s.layers):
+        plan = select(s, want, 0.3, 0, 0, "uniform")
+        masker = Masker(s, plan)
+        for j in range(i, s.num_layers):
+            masker.heads[j], masker.channels[j] = torch.ones(s.layers[j].n_heads), torch.ones(s.layers[j].n_channels)
+        o, down = info.linear(s.spec.o), info.linear(s.spec.mlp_out)
+        xs = {o: [], down: []}
+        hooks = [m.register_forward_pre_hook(lambda m, a: xs[m].append(a[0].reshape(-1, a[0].shape[-1]))) for m in xs]
+        with masker, torch.no_grad():
+            for b in range(0, len(ids), 4):
+                model(input_ids=ids[b:b + 4])
+        for h in hooks:
+            h.remove()
+        col = {m: (m.weight.abs() * torch.cat(xs[m]).pow(2).mean(0).sqrt()[None, :]).sum(0) for m in xs}  # (in,)
+        want["heads"][i] = col[o].view(info.n_heads, -1).sum(1)
+        want["channels"][i] = col[down]
+    for key in want:
+        for i in range(s.num_layers):
+            torch.testing.assert_close(got[key][i], want[key][i], rtol=1e-4, atol=1e-6)
+    one_pass = WandaSP("wanda_sp", sequential=False).scores(ctx)
+    assert not torch.allclose(one_pass["channels"][-1], want["channels"][-1], rtol=1e-3)
