@@ -1,10 +1,16 @@
 """Peak memory and wall time of the scoring of mini_llm, llm_pruner and wanda_sp vs a plain forward.
 
     python sweeps/bench_memory.py [--model smollm2_135m] [--batch-size 8] [--device cpu] [--out bench.json]
+    python sweeps/bench_memory.py --methods backward llm_pruner llm_pruner:method.grad_batch_size=1 \
+        llm_pruner:method.grad_batch_size=1:method.gradient_checkpointing=true
+
+A method spec is a method name, optionally followed by ":override" parts for that method alone. `backward` is the
+reference for backprop scorers: one forward and backward of the loss with every weight requiring grad (what
+LLM-Pruner's released code runs to get its gradients), on the same batch.
 
 Every method runs in its own subprocess (one at a time), on the same model, dtype and batch: the
 calibration batch size and the gradient batch size are both --batch-size, and the plain forward is
-one forward plus fp32 loss on a batch of that size. Peak memory is the largest per-stage peak of the
+one forward plus fp32 loss on a batch of that size (gradient samples have the calibration length too). Peak memory is the largest per-stage peak of the
 method's stages (prune/memory.py: CUDA max_memory_allocated, or the process's peak RSS on CPU);
 seconds is the sum of those stages (data loading and tokenizing excluded). On CPU the subprocesses run
 with MALLOC_MMAP_THRESHOLD_ fixed, so freed tensors go back to the OS and a stage's peak RSS is not
@@ -30,8 +36,8 @@ def _rss() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
-def worker(name: str, model: str, batch_size: int, seq_len: int, dtype: str, device: str, extra: list[str]) -> dict:
-    """Runs in the subprocess: load, then either one plain forward or the method's plan()."""
+def worker(spec: str, model: str, batch_size: int, seq_len: int, dtype: str, device: str, extra: list[str]) -> dict:
+    """Runs in the subprocess: load, then one plain forward, one forward + backward, or the method's plan()."""
     import torch
     from hydra import compose, initialize_config_dir
 
@@ -43,11 +49,14 @@ def worker(name: str, model: str, batch_size: int, seq_len: int, dtype: str, dev
     from llmsp.prune.pipeline import build_method
     from llmsp.prune.structure import discover
 
-    overrides = [f"model={model}", f"method={'dense' if name == 'forward' else name}", f"dtype={dtype}",
+    name, *own = spec.split(":")
+    reference = name in ("forward", "backward")
+    overrides = [f"model={model}", f"method={'dense' if reference else name}", f"dtype={dtype}",
                  f"device={device}", f"calibration.batch_size={batch_size}", f"calibration.seq_len={seq_len}"]
     if name in GRADIENT_METHODS:
-        overrides += [f"method.grad_batch_size={batch_size}", "method.dense_forward=false",
+        overrides += [f"method.grad_batch_size={batch_size}", "method.dense_forward=false", f"method.grad_seq_len={seq_len}",
                       "method.act_samples=${calibration.n_samples}"]  # the same activation count as wanda_sp
+    overrides += own
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
         cfg = compose("config", overrides=overrides + extra)
     dev = resolve_device(cfg.device)
@@ -55,10 +64,15 @@ def worker(name: str, model: str, batch_size: int, seq_len: int, dtype: str, dev
     with meter.stage("load"):
         m, tok = load_model(cfg.model, resolve_dtype(cfg.dtype), dev, cfg.seed)
     baseline = torch.cuda.memory_allocated() if dev.type == "cuda" else _rss()
-    if name == "forward":
+    if reference:
         batch = calibration_batch(tok, cfg.calibration.dataset, batch_size, seq_len, cfg.seed, cfg.data.root)
-        with meter.stage("forward"), torch.no_grad():
-            lm_loss(m, batch)
+        if name == "forward":
+            with meter.stage("forward"), torch.no_grad():
+                lm_loss(m, batch)
+        else:
+            m.requires_grad_(True)  # every weight, as a plain loss.backward() of a trainable model
+            with meter.stage("backward"):
+                lm_loss(m, batch).backward()
     else:
         from omegaconf import OmegaConf
         ctx = PruneContext(m, tok, discover(m), float(cfg.ratio), cfg.layer_range.first, cfg.layer_range.last,
@@ -85,7 +99,8 @@ def run_one(name: str, args, extra: list[str]) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description="Peak memory and time of gradient scorers vs a plain forward")
     ap.add_argument("--model", default="smollm2_135m", help="any conf/model name")
-    ap.add_argument("--methods", nargs="+", default=["mini_llm", "llm_pruner", "wanda_sp"])
+    ap.add_argument("--methods", nargs="+", default=["mini_llm", "llm_pruner", "wanda_sp"],
+                    help="method specs: NAME[:override...]; backward = plain forward + backward")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")
@@ -102,14 +117,15 @@ def main(argv=None) -> dict:
     fwd = raw["forward"]
     out = {}
     print(f"model={args.model} dtype={args.dtype} device={args.device} batch={args.batch_size}x{args.seq_len}")
-    print(f"{'method':>12} {'peak MiB':>9} {'x fwd':>6} {'extra x':>8} {'seconds':>8} {'x fwd':>7}")
+    width = max(12, *map(len, raw))
+    print(f"{'method':>{width}} {'peak MiB':>9} {'x fwd':>6} {'extra x':>8} {'seconds':>8} {'x fwd':>7}")
     for name, r in raw.items():
         extra = (r["peak_bytes"] - r["baseline_bytes"]) / max(fwd["peak_bytes"] - fwd["baseline_bytes"], 1)
         out[name] = {"peak_bytes": r["peak_bytes"], "seconds": r["seconds"],
                      "peak_ratio": r["peak_bytes"] / fwd["peak_bytes"], "time_ratio": r["seconds"] / fwd["seconds"],
                      "baseline_bytes": r["baseline_bytes"], "extra_ratio": extra, "stages": r["stages"]}
         o = out[name]
-        print(f"{name:>12} {o['peak_bytes'] / 2**20:9.1f} {o['peak_ratio']:6.2f} {extra:8.2f} "
+        print(f"{name:>{width}} {o['peak_bytes'] / 2**20:9.1f} {o['peak_ratio']:6.2f} {extra:8.2f} "
               f"{o['seconds']:8.1f} {o['time_ratio']:7.1f}")
     if args.out:
         with open(args.out, "w") as f:

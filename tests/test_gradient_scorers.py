@@ -213,7 +213,8 @@ def test_gradient_methods_pin_bookcorpus():
 
 
 @pytest.mark.parametrize("method,extra", [("mini_llm", ["method.act_samples=4"]),
-                                          ("llm_pruner", ["method.taylor=mix", "method.gradient_checkpointing=true"]),
+                                          ("llm_pruner", ["method.taylor=mix", "method.grad_batch_size=1",
+                                                          "method.gradient_checkpointing=true"]),
                                           ("sparsegpt_sp", [])])
 def test_methods_run_end_to_end(method, extra, tmp_path, data_root):
     from llmsp.prune.pipeline import run

@@ -212,6 +212,8 @@ class GradientScoring(ScoringMethod):
             raise ValueError(f"taylor={taylor!r}: choose one of {TAYLOR}")
         if taylor != "first" and (criterion != "wg" or gradient != "backprop"):
             raise ValueError(f"taylor={taylor} needs criterion=wg and gradient=backprop (the Fisher needs true gradients)")
+        if taylor != "first" and grad_batch_size != 1:
+            raise ValueError(f"taylor={taylor} needs per-sample gradients for its Fisher: set grad_batch_size=1")
         if vectorwise and (criterion != "wg" or taylor != "first"):
             raise ValueError("vectorwise importance is defined for criterion=wg, taylor=first")
         if min(grad_samples, grad_batch_size, act_samples, n_perturbations, grad_seq_len or 2) < 1 or grad_seq_len == 1:

@@ -7,7 +7,9 @@ each unit's slice of a matrix (the paper's vector-wise importance; LLM-Pruner's 
 or column and sums those over a head instead). Unit scores sum over the coupled matrices.
 Calibration: 10 BookCorpus samples of 64 tokens (LLM-Pruner's `get_examples('bookcorpus', 10, 64)`), and G is the
 gradient of the mean loss over them: one backward per grad_batch_size samples, averaged (equal-length samples, so
-any batch size gives the same G; `taylor: second` needs per-sample gradients, grad_batch_size 1).
+any batch size gives the same G). grad_batch_size 10 (default) is one forward + backward of all samples, as the
+anchor runs it; grad_batch_size 1 with gradient_checkpointing is the memory-lean path (both measured by
+sweeps/bench_memory.py, README). `taylor: second | mix` needs per-sample gradients: grad_batch_size 1.
 Gradients accumulate into fp32 buffers for the prunable weights only; gradient_checkpointing recomputes each
 decoder layer during backward (less memory, one more forward).
 
@@ -28,7 +30,7 @@ from llmsp.prune.methods.gradient_scoring import GradientScoring
 class LLMPruner(GradientScoring):
     def __init__(self, name: str = "llm_pruner", criterion: str = "wg", gradient: str = "backprop",
                  taylor: str = "first", vectorwise: bool = False, aggregation: str = "sum", grad_samples: int = 10,
-                 grad_seq_len: int | None = 64, grad_batch_size: int = 1, gradient_checkpointing: bool = False,
+                 grad_seq_len: int | None = 64, grad_batch_size: int = 10, gradient_checkpointing: bool = False,
                  gqa_unit: str = "head", **kw):
         super().__init__(name, criterion=criterion, gradient=gradient, taylor=taylor, vectorwise=vectorwise,
                          aggregation=aggregation, grad_samples=grad_samples, grad_seq_len=grad_seq_len,
