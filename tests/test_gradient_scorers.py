@@ -335,3 +335,20 @@ def test_null_gradient_keeps_the_scale_and_removes_the_information():
     assert not torch.allclose(first, full)
     with pytest.raises(ValueError, match="keep_first"):
         real.keep_first(5)
+
+
+def test_zo_information_ablation_runs_and_counts_its_forwards(data_root):
+    """sweeps/zo_information.py on a tiny model: the backprop reference correlates 1 with itself, wx costs no
+    forward, SPSA costs 2 forwards per gradient batch and perturbation, and every variant has a PPL per ratio."""
+    from llmsp.sweeps.zo_information import main as zo_information
+
+    out = zo_information(["--set", "model=tiny_llama_gqa", "--set", f"data.root={data_root}", "--ratios", "0.3",
+                          "--n-perturbations", "1", "2", "--max-windows", "2", "--set", "method.act_samples=4"])
+    v = out["variants"]
+    assert set(v) == {"fms_backprop", "wx", "fms_zo_n1", "fms_zo_n2", "fms_null"}
+    assert v["fms_backprop"]["spearman_channels"] == pytest.approx(1.0)
+    assert v["fms_backprop"]["spearman_heads"] == pytest.approx(1.0)
+    assert (v["wx"]["forwards"], v["fms_zo_n1"]["forwards"], v["fms_zo_n2"]["forwards"]) == (0, 20, 40)
+    assert v["fms_null"]["forwards"] == 20
+    assert all(set(r["ppl"]["0.3"]) == {"wikitext2", "ptb"} for r in v.values())
+    assert v["fms_zo_n1"]["spearman_channels"] != v["fms_null"]["spearman_channels"]
