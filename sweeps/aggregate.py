@@ -206,9 +206,7 @@ def getter(cfg):
 
 
 def _row_value(r, value):
-    if r.get("when") and any(_norm(value(p)) != _norm(v) for p, v in r.when.items()):
-        return None
-    return _norm(value(r.key))
+    return _norm(value(r.key)) if paper_table.matches(value, r.get("when")) else None
 
 
 def row_key(tbl: DictConfig, value, dense: bool) -> tuple:
@@ -364,13 +362,13 @@ def _label(tbl, k) -> list[str]:
 
 
 def _name_col(tbl) -> int:
-    """The label column that names a row: method.name, else the first row key that is no block key."""
+    """The label column that names a row: method.name, else the last row key that is no block key (the finest)."""
     names = [r.key for r in tbl.rows]
     if "method.name" in names:
         return names.index("method.name")
     gb = tbl.get("group_by") or []
     blocks = {gb} if isinstance(gb, str) else set(gb)
-    return next((i for i, n in enumerate(names) if n not in blocks), 0)
+    return next((i for i in reversed(range(len(names))) if names[i] not in blocks), 0)
 
 
 def build(exp: DictConfig, points: list[Point], results: dict[int, dict], scale: str | None = None) -> Table:

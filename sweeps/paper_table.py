@@ -5,7 +5,7 @@ An experiment config carries one description per paper table it reproduces, take
     paper:
       tables:
         - id: PG Table A10                  # the paper's table or figure number
-          when: {model.name: llama7b}       # optional: the grid points of this table (values of config paths)
+          when: {model.name: llama7b}       # optional: the grid points of this table (config values; a list: any of)
           models: [llama7b]                 # model.name of its runs
           ratios: [0.1, 0.2]                # its pruning rates
           columns: [WikiText2, PIQA, ...]   # its columns, in order (names of table.columns)
@@ -27,6 +27,7 @@ table's columns are the paper's.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 PUBLISHED = "published, not run by us"
@@ -37,6 +38,15 @@ def norm(v):
     if isinstance(v, float) and v.is_integer():
         return int(v)
     return v if v is None or isinstance(v, (int, float, bool)) else str(v)
+
+
+def matches(value, when: dict) -> bool:
+    """Whether value(path) equals every `when` entry (a list: is one of its items)."""
+    def one(got, want):
+        many = isinstance(want, Sequence) and not isinstance(want, str)  # a list, or OmegaConf's ListConfig
+        return got in [norm(w) for w in want] if many else got == norm(want)
+
+    return all(one(norm(value(p)), v) for p, v in (when or {}).items())
 
 
 @dataclass
@@ -54,12 +64,12 @@ class PaperTable:
 
     def selects(self, value) -> bool:
         """Whether a grid point (value(path) -> its config value) belongs to this table."""
-        return all(norm(value(p)) == norm(v) for p, v in self.when.items())
+        return matches(value, self.when)
 
     def row_of(self, value) -> int | None:
         """Index in `rows` of the first row whose key values the point has, else None."""
         for i, r in enumerate(self.rows):
-            if all(norm(value(p)) == norm(v) for p, v in _keys(r).items()):
+            if matches(value, _keys(r)):
                 return i
         return None
 
