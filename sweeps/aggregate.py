@@ -5,20 +5,31 @@
 The experiment config conf/experiment/<table>.yaml says what the table holds:
 
 * ``table.rows``: row keys, each a dotted path into the resolved run config (``method.name``, ``ratio``,
-  ``recover.name``, ``init.name`` ...), with a display name, optional ``labels`` and ``fmt: percent``.
+  ``recover.name``, ``init.name`` ...), with a display name, optional ``labels`` and ``fmt: percent``;
+  ``when: {path: value}`` shows (and identifies by) the key only in rows where those config values hold (the init of
+  the policy-gradient rows, blank for the baselines of the same table).
 * ``table.pivot``: optional key whose values spread the columns (e.g. one column block per model).
 * ``table.columns``: ``{name, path, better: low|high, scale, fmt}`` with ``path`` dotted into results.json,
   or ``{name, mean: [column names]}``: the arithmetic mean of those columns (the papers' "Mean"/"Avg"),
   or ``{name, path, text: true}`` for a text cell (generation samples); ``optional: true`` marks a column that
-  only some rows have (PG steps): its empty cells stay blank and are not reported as missing.
+  only some rows have (PG steps): its empty cells stay blank and are not reported as missing; ``ours: true`` marks
+  a column the paper's table does not have.
+* ``table.reduce``: ``{key, stat}``: the runs that differ only in the swept config key ``key`` (a seed) make one
+  cell, ``stat`` of their values: ``mean_std`` ("m±s", sample std over the runs; one run: its value), ``mean``,
+  ``std``, ``min``, ``max``; a column's own ``stat`` overrides it. A cell with fewer runs than the grid has says so.
 * ``table.group_by``: the row key(s) that block the table (e.g. ratio); the best value of each column is bold
   within each block (lowest for ``better: low``, highest for ``better: high``). The dense row is never bold.
 * ``table.dense``: put the dense reference row(s) first; a row key marked ``dense: true`` (e.g. the model when
   models are rows) keeps its value in the dense row, so there is one dense row per value.
 
-``scales.<scale>`` lists the sweeps (grids) that ``sweeps/run_table.py`` launches. Every grid point is composed
-with Hydra to learn its row key values, so a point whose run is missing, failed or lacks a metric shows as "–"
-and is listed in a warning (and under the Markdown table): nothing is dropped silently.
+``paper:`` describes the paper's own tables (sweeps/paper_table.py): each block's rows follow the paper's order, its
+published rows (figures printed in the paper for methods we do not run) are shown and marked as not run by us, and
+at ``--scale paper`` the paper's dense row sits under ours.
+
+``scales.<scale>`` lists the sweeps (grids) that ``sweeps/run_table.py`` launches; ``--scale paper`` adds
+``PAPER_OVERRIDES`` to every run. Every grid point is composed with Hydra to learn its row key values, so a point
+whose run is missing, failed or lacks a metric shows as "–" and is listed in a warning (and under the Markdown
+table): nothing is dropped silently.
 """
 from __future__ import annotations
 
@@ -30,14 +41,21 @@ import json
 import logging
 import math
 import os
+import statistics
 import sys
 from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 
+from llmsp.sweeps import paper_table
+from llmsp.sweeps.paper_table import norm as _norm
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "conf")
 DASH = "–"
+# every --scale paper run evaluates in fp16 on the GPU, the precision the papers' numbers come from
+PAPER_OVERRIDES = ["evaluate.dtype=float16"]
+STATS = ("mean_std", "mean", "std", "min", "max")
 log = logging.getLogger("aggregate")
 
 
@@ -76,7 +94,7 @@ def sweeps(exp: DictConfig, scale: str) -> tuple[list[str], list[Sweep]]:
     if scale not in exp.scales:
         raise SystemExit(f"scale {scale!r} not in this experiment; choose one of {list(exp.scales)}")
     sc = exp.scales[scale]
-    common = [str(o) for o in sc.get("overrides", [])]
+    common = [*(PAPER_OVERRIDES if scale == "paper" else []), *(str(o) for o in sc.get("overrides", []))]
     out = []
     for i, s in enumerate(sc.sweeps):
         grid = {k: list(v) for k, v in (s.get("grid") or {}).items()}
@@ -105,6 +123,8 @@ class Point:
     key: tuple            # values of the row keys (dense: ("dense", values of the rows marked `dense: true`))
     pivot: object         # value of the pivot key, or None
     dense: bool
+    rep: object = None    # value of table.reduce.key (runs with equal key and pivot make one cell), or None
+    value: object = field(default=None, repr=False, compare=False)  # path -> this point's config value
 
 
 class Resolver:
@@ -157,10 +177,12 @@ def expected_points(table: str, exp: DictConfig, scale: str) -> list[Point]:
         res = Resolver(table, [*common, *sw.overrides, *all_points[0]])
         for ov in all_points:
             full = [*common, *sw.overrides, *ov]
-            key = tuple(_norm(res.value(r.key, full)) for r in tbl.rows if r.get("dense") or not sw.dense)
-            key = ("dense", *key) if sw.dense else key
-            pivot = _norm(res.value(tbl.pivot.key, full)) if tbl.get("pivot") else None
-            pts.append(Point(sw.name, [*sw.overrides, *ov], key, pivot, sw.dense))
+
+            def value(path, _full=full, _res=res):
+                return _res.value(path, _full)
+
+            pts.append(Point(sw.name, [*sw.overrides, *ov], row_key(tbl, value, sw.dense), pivot_value(tbl, value),
+                             sw.dense, rep_value(tbl, value), value))
     return pts
 
 
@@ -174,23 +196,31 @@ def lookup(obj, path: str):
     return obj
 
 
-def _norm(v):
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    return v if v is None or isinstance(v, (int, float, bool)) else str(v)
-
-
 def _is_dense(key: tuple) -> bool:
     return bool(key) and key[0] == "dense"
 
 
-def row_key(tbl: DictConfig, cfg, dense: bool) -> tuple:
-    key = tuple(_norm(lookup(cfg, r.key)) for r in tbl.rows if r.get("dense") or not dense)
+def getter(cfg):
+    """path -> value of a resolved config (results.json's `config`)."""
+    return lambda path: lookup(cfg, path)
+
+
+def _row_value(r, value):
+    return _norm(value(r.key)) if paper_table.matches(value, r.get("when")) else None
+
+
+def row_key(tbl: DictConfig, value, dense: bool) -> tuple:
+    """The row identity of a point or run; value: path -> its config value (getter(cfg) for a config)."""
+    key = tuple(_row_value(r, value) for r in tbl.rows if r.get("dense") or not dense)
     return ("dense", *key) if dense else key
 
 
-def pivot_value(tbl: DictConfig, cfg):
-    return _norm(lookup(cfg, tbl.pivot.key)) if tbl.get("pivot") else None
+def pivot_value(tbl: DictConfig, value):
+    return _norm(value(tbl.pivot.key)) if tbl.get("pivot") else None
+
+
+def rep_value(tbl: DictConfig, value):
+    return _norm(value(tbl.reduce.key)) if tbl.get("reduce") else None
 
 
 # ----------------------------------------------------------------------------------------------- results
@@ -212,12 +242,12 @@ def find_results(sweep_dir: str) -> list[tuple[str, dict]]:
 
 def match(tbl: DictConfig, points: list[Point], found: list[tuple[str, dict]]) -> dict[int, dict]:
     """Index of each expected point -> its results (the newest run wins; extra runs are reported)."""
-    index = {(p.key, p.pivot): i for i, p in enumerate(points)}
+    index = {(p.key, p.pivot, p.rep): i for i, p in enumerate(points)}
     out, extra = {}, []
     for path, res in found:
-        cfg = res.get("config", {})
-        dense = lookup(cfg, "method.name") == "dense"
-        k = (row_key(tbl, cfg, dense), pivot_value(tbl, cfg))
+        value = getter(res.get("config", {}))
+        dense = value("method.name") == "dense"
+        k = (row_key(tbl, value, dense), pivot_value(tbl, value), rep_value(tbl, value))
         if k in index:
             out[index[k]] = res
         else:
@@ -264,20 +294,45 @@ def _metric(res: dict | None, col) -> float | None:
     return float(v) * float(col.get("scale", 1))
 
 
-def build(exp: DictConfig, points: list[Point], results: dict[int, dict]) -> Table:
-    tbl = exp.table
-    pivots = list(dict.fromkeys(p.pivot for p in points))
-    has_pivot = bool(tbl.get("pivot"))
-    cols = list(tbl.columns)
-    header = [r.name for r in tbl.rows]
-    for pv in pivots:
-        for c in cols:
-            header.append(f"{_fmt_key(tbl.pivot, pv)} {c.name}" if has_pivot else c.name)
+def run_values(res: dict, cols) -> dict:
+    """{column name: value} of one run; a `mean` column is the mean of its parts when all are there."""
+    out = {c.name: _metric(res, c) for c in cols if "mean" not in c}
+    for c in cols:
+        if "mean" in c:
+            parts = [out.get(n) for n in c.mean]
+            out[c.name] = sum(parts) / len(parts) if parts and all(x is not None for x in parts) else None
+    return out
 
-    # rows in first-appearance order, dense first, then blocked by group_by
-    keys = list(dict.fromkeys(p.key for p in points))
-    dense_keys = [k for k in keys if _is_dense(k)]
-    rest = [k for k in keys if not _is_dense(k)]
+
+def reduce_cell(vals: list[float], stat: str, fmt: str) -> tuple[float | None, str | None]:
+    """(value for bold, text) of the runs' values under `stat`; (None, None) when there is nothing to show."""
+    if stat not in STATS:
+        raise ValueError(f"stat={stat!r}: choose one of {STATS}")
+    if not vals or (stat == "std" and len(vals) < 2):
+        return None, None
+    if stat in ("min", "max"):
+        v = min(vals) if stat == "min" else max(vals)
+        return v, format(v, fmt)
+    mean = statistics.fmean(vals)
+    if stat == "mean" or (stat == "mean_std" and len(vals) == 1):
+        return mean, format(mean, fmt)
+    sd = statistics.stdev(vals)
+    return (sd, format(sd, fmt)) if stat == "std" else (mean, f"{format(mean, fmt)}±{format(sd, fmt)}")
+
+
+@dataclass
+class _Row:
+    label: list[str]
+    key: tuple
+    vals: list
+    cells: list[str]
+    kind: str            # run | dense | paper (the paper's dense row) | published
+    rank: tuple | None = None  # (paper table, row) the row is in the paper's order, if it is described
+
+
+def _order(tbl, points, tables) -> tuple[list[tuple], dict, callable]:
+    """Row keys: dense first, then blocks in first-appearance order, inside a block the paper's order (rows that no
+    description names last, in grid order). Also each key's paper rank and the block (group) function."""
     names = [r.key for r in tbl.rows]
     gb = tbl.get("group_by") or []
     gi = [names.index(g) for g in ([gb] if isinstance(gb, str) else gb)]
@@ -285,62 +340,145 @@ def build(exp: DictConfig, points: list[Point], results: dict[int, dict]) -> Tab
     def group(k):
         return tuple(k[i] for i in gi)
 
-    order = list(dict.fromkeys(group(k) for k in rest))
-    rest.sort(key=lambda k: order.index(group(k)))
-    keys = dense_keys + rest
-    by = {(p.key, p.pivot): i for i, p in enumerate(points)}
+    first = {}
+    for p in points:
+        first.setdefault(p.key, p)
+    keys = list(first)
+    rest = [k for k in keys if not _is_dense(k)]
+    blocks = list(dict.fromkeys(group(k) for k in rest))
+    ranks = {k: paper_table.rank(tables, first[k].value) if first[k].value else None for k in rest}
+    big = (len(tables) + 1, 0)
+    rest.sort(key=lambda k: (blocks.index(group(k)), ranks[k] or big))
+    return [k for k in keys if _is_dense(k)] + rest, ranks, group
 
-    rows, values, missing = [], [], []
-    for k in keys:
-        if _is_dense(k):
-            kept = iter(k[1:])
-            label = [_fmt_key(r, next(kept)) if r.get("dense") else "" for r in tbl.rows]
-            free = [i for i in range(len(names)) if i not in gi] or [0]  # the first row key that is no block key
-            mi = names.index("method.name") if "method.name" in names else free[0]
-            label[mi] = str(tbl.get("dense_label", "Dense"))
-        else:
-            label = [_fmt_key(r, v) for r, v in zip(tbl.rows, k)]
-        vals = []
-        for pv in pivots:
-            i = by.get((k, pv))
-            res = results.get(i) if i is not None else None
-            if i is not None and res is None:
-                missing.append(f"{points[i].sweep}: {' '.join(points[i].overrides)} (no results.json)")
-            raw = {c.name: _metric(res, c) for c in cols if "mean" not in c}
-            for c in cols:
-                if "mean" in c:
-                    parts = [raw.get(n) for n in c.mean]
-                    v = sum(parts) / len(parts) if parts and all(x is not None for x in parts) else None
-                else:
-                    v = raw[c.name]
-                    if i is not None and res is not None and v is None and not c.get("optional"):
-                        missing.append(f"{points[i].sweep}: {' '.join(points[i].overrides)} (no {c.path})")
-                vals.append(v)
-        rows.append(label)
-        values.append(vals)
 
+def _label(tbl, k) -> list[str]:
+    if not _is_dense(k):
+        return [_fmt_key(r, v) for r, v in zip(tbl.rows, k)]
+    kept = iter(k[1:])
+    label = [_fmt_key(r, next(kept)) if r.get("dense") else "" for r in tbl.rows]
+    label[_name_col(tbl)] = str(tbl.get("dense_label", "Dense"))
+    return label
+
+
+def _name_col(tbl) -> int:
+    """The label column that names a row: method.name, else the last row key that is no block key (the finest)."""
+    names = [r.key for r in tbl.rows]
+    if "method.name" in names:
+        return names.index("method.name")
+    gb = tbl.get("group_by") or []
+    blocks = {gb} if isinstance(gb, str) else set(gb)
+    return next((i for i in reversed(range(len(names))) if names[i] not in blocks), 0)
+
+
+def build(exp: DictConfig, points: list[Point], results: dict[int, dict], scale: str | None = None) -> Table:
+    tbl = exp.table
+    tables = paper_table.load(exp)
+    pivots = list(dict.fromkeys(p.pivot for p in points))
+    has_pivot = bool(tbl.get("pivot"))
+    cols = list(tbl.columns)
+    header = [r.name for r in tbl.rows]
+    for pv in pivots:
+        for c in cols:
+            header.append(f"{_fmt_key(tbl.pivot, pv)} {c.name}" if has_pivot else c.name)
     fmts = [c.get("fmt", ".2f") for _ in pivots for c in cols]
+    stat = (tbl.get("reduce") or {}).get("stat", "mean_std")
+    keys, ranks, group = _order(tbl, points, tables)
+    by: dict = {}
+    for i, p in enumerate(points):
+        by.setdefault((p.key, p.pivot), []).append(i)
+
+    rows, missing = [], []
+    for k in keys:
+        vals, cells = [], []
+        for pv in pivots:
+            idxs = by.get((k, pv), [])
+            for i in idxs:
+                if i not in results:
+                    missing.append(f"{points[i].sweep}: {' '.join(points[i].overrides)} (no results.json)")
+            runs = [(i, run_values(results[i], cols)) for i in idxs if i in results]
+            for c, f in zip(cols, fmts):
+                got = [v[c.name] for _, v in runs if v[c.name] is not None]
+                for i, v in runs:
+                    if v[c.name] is None and "mean" not in c and not c.get("optional"):
+                        missing.append(f"{points[i].sweep}: {' '.join(points[i].overrides)} (no {c.path})")
+                if c.get("text"):
+                    v, text = (got[0], got[0]) if got else (None, None)
+                else:
+                    v, text = reduce_cell(got, c.get("stat", stat) if tbl.get("reduce") else "mean", f)
+                if text is not None and tbl.get("reduce") and len(got) < len(idxs):
+                    text += f" (n={len(got)}/{len(idxs)})"
+                vals.append(v)
+                cells.append(text if text is not None else "" if runs and c.get("optional") else DASH)
+        rows.append(_Row(_label(tbl, k), k, vals, cells, "dense" if _is_dense(k) else "run", ranks.get(k)))
+        if _is_dense(k) and scale == "paper":
+            paper = _paper_dense_row(tbl, k, pivots, points, by, tables, cols, fmts)
+            if paper:
+                rows.append(paper)
+    rows = _with_published(tbl, rows, tables, pivots, cols, fmts, group)
+
+    bold = [[False] * len(r.vals) for r in rows]
     betters = [c.get("better", "high" if "mean" in c else None) for _ in pivots for c in cols]
-    bold = [[False] * len(v) for v in values]
-    groups: dict = {}
-    for ri, k in enumerate(keys):
-        if not _is_dense(k):
-            groups.setdefault(group(k), []).append(ri)
-    for members in groups.values():
+    blocks: dict = {}
+    for ri, r in enumerate(rows):
+        if r.kind == "run":
+            blocks.setdefault(group(r.key), []).append(ri)
+    for members in blocks.values():
         for ci, better in enumerate(betters):
-            cand = [values[ri][ci] for ri in members if values[ri][ci] is not None]
+            cand = [rows[ri].vals[ci] for ri in members if isinstance(rows[ri].vals[ci], (int, float))]
             if better not in ("low", "high") or len(cand) < 2:
                 continue
             best = min(cand) if better == "low" else max(cand)
             for ri in members:
-                bold[ri][ci] = values[ri][ci] is not None and values[ri][ci] == best
-    optional = [bool(c.get("optional")) for _ in pivots for c in cols]
-    present = [[r is not None for r in (results.get(by.get((k, pv))) for pv in pivots for _ in cols)] for k in keys]
-    cells = [lab + ["" if v is None and opt and ok else DASH if v is None else v if isinstance(v, str) else format(v, f)
-                    for v, f, opt, ok in zip(vals, fmts, optional, has)]
-             for lab, vals, has in zip(rows, values, present)]
-    return Table(header, cells, [[None] * len(tbl.rows) + v for v in values],
+                bold[ri][ci] = rows[ri].vals[ci] == best
+    return Table(header, [r.label + r.cells for r in rows],
+                 [[None] * len(tbl.rows) + [v if isinstance(v, (int, float)) else None for v in r.vals] for r in rows],
                  [[False] * len(tbl.rows) + b for b in bold], missing, str(tbl.get("title", "")), len(tbl.rows))
+
+
+def _paper_cells(values_of, pivots, cols, fmts) -> tuple[list, list[str]] | None:
+    """Cells of a row of the paper's figures, values_of(pivot) -> {column: value}; None when it has none here."""
+    vals = [values_of(pv).get(c.name) for pv in pivots for c in cols]
+    ours = [bool(c.get("ours")) for _ in pivots for c in cols]  # columns the paper has not: blank, not missing
+    cells = ["" if v is None and o else DASH if v is None else format(v, f) for v, f, o in zip(vals, fmts, ours)]
+    return (vals, cells) if any(v is not None for v in vals) else None
+
+
+def _paper_dense_row(tbl, k, pivots, points, by, tables, cols, fmts) -> _Row | None:
+    """The paper's dense row of the model(s) of our dense row k (at --scale paper)."""
+    dense = paper_table.dense_values(tables)
+    model_of = {pv: points[by[(k, pv)][0]].value("model.name") for pv in pivots if (k, pv) in by}
+    got = _paper_cells(lambda pv: dense.get(model_of.get(pv), {}), pivots, cols, fmts)
+    if got is None:
+        return None
+    label = _label(tbl, k)
+    label[_name_col(tbl)] = f"{tbl.get('dense_label', 'Dense')} (paper)"
+    return _Row(label, k, *got, "paper")
+
+
+def _with_published(tbl, rows: list[_Row], tables, pivots, cols, fmts, group) -> list[_Row]:
+    """Insert each published row into its block, at its place in the paper's order."""
+    names = [r.key for r in tbl.rows]
+    pivot_key = tbl.pivot.key if tbl.get("pivot") else None
+    for ti, t in enumerate(tables):
+        for keys, model, values in t.published_cells():
+            full = {**keys, "model.name": model}
+            key = tuple(_norm(full.get(n)) for n in names)
+            got = _paper_cells(lambda pv: values if pivot_key != "model.name" or pv == _norm(model) else {},
+                               pivots, cols, fmts)
+            if got is None:
+                log.info("published row %s of %s: no column block of %s here", keys, t.id, model)
+                continue
+            label = [_fmt_key(r, v) for r, v in zip(tbl.rows, key)]
+            label[_name_col(tbl)] += f" ({paper_table.PUBLISHED}: {model})" if pivot_key != "model.name" else \
+                f" ({paper_table.PUBLISHED})"
+            row = _Row(label, key, *got, "published", (ti, t.row_of(lambda p: full.get(p))))
+            g = group(key)
+            block = [i for i, r in enumerate(rows) if r.kind in ("run", "published")
+                     and all(a is None or a == b for a, b in zip(g, group(r.key)))]
+            before = [i for i in block if rows[i].rank is not None and rows[i].rank <= row.rank]
+            rows.insert(before[-1] + 1 if before else block[0] if block else len(rows), row)
+    return rows
 
 
 def to_markdown(t: Table) -> str:
@@ -385,7 +523,7 @@ def aggregate(table: str, scale: str, sweep_dir: str, out_dir: str | None = None
     """Build the table of one sweep dir and write table.md, table.csv and table.tex into out_dir."""
     exp = load_experiment(table)
     points = expected_points(table, exp, scale)
-    t = build(exp, points, match(exp.table, points, find_results(sweep_dir)))
+    t = build(exp, points, match(exp.table, points, find_results(sweep_dir)), scale)
     models = list(dict.fromkeys(o.partition("=")[2] for p in points for o in p.overrides if o.startswith("model=")))
     models = models or [o.partition("=")[2] for o in sweeps(exp, scale)[0] if o.startswith("model=")]
     t.title = f"{t.title or table} [{scale} scale{': ' + ', '.join(models) if models else ''}]"

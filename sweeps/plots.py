@@ -8,8 +8,12 @@ The experiment's ``figure.kind`` picks the plot:
   ``per_layer_sparsity``), one panel per field, one line per run (policy-gradient paper, Figure A2).
 * ``similarity``: per-layer similarity |A∩B|/|A∪B| of the pruned unit sets of ``figure.reference`` and each of
   ``figure.others`` (kept_units.json), as MINI-LLM's pruned-channel figure.
-* ``bars``: ``figure.metrics`` per ``figure.series`` value, grouped by ratio (PG vs Gumbel memory/time, Figure 3).
-* ``lines``: ``figure.metrics`` against ``figure.x``, one line per ``figure.series`` value (global vs local).
+* ``bars``: ``figure.metrics`` per ``figure.series`` value, grouped by ratio (PG vs Gumbel memory/time, Table 4).
+* ``lines``: ``figure.metrics`` against ``figure.x``, one line per ``figure.series`` value (global vs local, PG vs
+  Gumbel per model in Figure 3).
+
+``figure.series`` is a config path or a list of them (one line per combination); a metric is ``{name, path}`` or
+``{name, mean: [paths]}`` (the mean of those results, e.g. a mean zero-shot accuracy), with an optional ``scale``.
 """
 from __future__ import annotations
 
@@ -121,21 +125,29 @@ def plot_per_layer_sparsity(exp, found, out_dir, table) -> list[str]:
 
 
 def _metric(res, m):
-    v = lookup(res, m.path)
-    return float(v) * float(m.get("scale", 1)) if isinstance(v, (int, float)) else math.nan
+    vals = [lookup(res, p) for p in (m.mean if "mean" in m else [m.path])]
+    if not all(isinstance(v, (int, float)) for v in vals):
+        return math.nan
+    return sum(float(v) for v in vals) / len(vals) * float(m.get("scale", 1))
+
+
+def _series(res, series) -> str:
+    """The run's line/bar label: the value of the series path, or of each path of a list, joined by '/'."""
+    paths = [series] if isinstance(series, str) else list(series)
+    return "/".join(str(lookup(res, f"config.{p}")) for p in paths)
 
 
 def plot_bars(exp, found, out_dir, table) -> list[str]:
     f = exp.figure
     runs = [res for _, res in found if res.get("method") != "dense"]
-    series = sorted({str(lookup(r, f"config.{f.series}")) for r in runs})
+    series = sorted({_series(r, f.series) for r in runs})
     ratios = sorted({lookup(r, "config.ratio") for r in runs})
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(f.metrics), figsize=(4 * len(f.metrics), 3.2), squeeze=False)
     width = 0.8 / max(1, len(series))
     for ax, m in zip(axes[0], f.metrics):
         for si, s in enumerate(series):
-            ys = [next((_metric(r, m) for r in runs if str(lookup(r, f"config.{f.series}")) == s
+            ys = [next((_metric(r, m) for r in runs if _series(r, f.series) == s
                         and lookup(r, "config.ratio") == q), math.nan) for q in ratios]
             ax.bar([i + si * width for i in range(len(ratios))], ys, width, label=s)
         ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(ratios))], [f"{q:g}" for q in ratios])
@@ -150,9 +162,8 @@ def plot_lines(exp, found, out_dir, table) -> list[str]:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(f.metrics), figsize=(4.5 * len(f.metrics), 3.2), squeeze=False)
     for ax, m in zip(axes[0], f.metrics):
-        for s in sorted({str(lookup(r, f"config.{f.series}")) for r in runs}):
-            pts = sorted((lookup(r, f"config.{f.x}"), _metric(r, m)) for r in runs
-                         if str(lookup(r, f"config.{f.series}")) == s)
+        for s in sorted({_series(r, f.series) for r in runs}):
+            pts = sorted((lookup(r, f"config.{f.x}"), _metric(r, m)) for r in runs if _series(r, f.series) == s)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
         ax.set(xlabel=f.x, ylabel=m.name, title=m.name)
         ax.legend(fontsize=7)

@@ -101,8 +101,8 @@ def test_experiment_composes_and_covers_its_table(name, scale):
             cfg = agg.compose_point(name, full)
             assert cfg.table == tbl and "scales" in cfg  # the plain keys reach run.py's config untouched
             point = [p for p in points if p.overrides == [*sw.overrides, *ov]][0]
-            assert agg.row_key(tbl, cfg, sw.dense) == point.key  # override-based identity == composed
-            assert agg.pivot_value(tbl, cfg) == point.pivot
+            assert agg.row_key(tbl, agg.getter(cfg), sw.dense) == point.key  # override-based identity == composed
+            assert agg.pivot_value(tbl, agg.getter(cfg)) == point.pivot
             for r in tbl.rows if not sw.dense else []:
                 assert agg.lookup(cfg, r.key) is not None or r.key.startswith("init."), (r.key, ov)
             for c in tbl.columns:  # every column is measured by the runs, or declared missing at this scale

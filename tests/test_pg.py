@@ -425,6 +425,52 @@ def test_pg_end_to_end_hits_ratio_and_logs(tmp_path, data_root):
     assert all(os.path.isfile(p) for p in ex["plot"])
 
 
+def test_sample_seed_varies_only_the_sampling_and_steps_fix_the_schedule(tmp_path, data_root):
+    """Table A12 fixes the init and varies the Bernoulli sampling: sample_seed changes the masks drawn, not the init
+    (step-0 snapshot) nor the data; the same sample_seed reproduces the run. steps=10 runs 10 steps over 6 batches
+    (the data wraps), as Table A17 fixes the steps while the calibration set shrinks."""
+    def run(d, **kw):
+        m = pg(tmp_path / d, init=RandomInit(), snapshot_steps=[0], **kw)
+        ctx = make_ctx(data_root)
+        m.plan(ctx)
+        return m.s, ckpt.load_snapshot(str(tmp_path / d), 0), ctx.extras["pg"]
+
+    s_a, init_a, ex = run("a", sample_seed=5)
+    s_b, init_b, _ = run("b", sample_seed=6)
+    s_c, _, _ = run("c", sample_seed=5)
+    assert torch.equal(init_a, init_b) and not torch.equal(s_a, s_b) and torch.equal(s_a, s_c)
+    assert ex["steps"] == 24 // 4 and ex["settings"]["sample_seed"] == 5
+    _, _, ex = run("d", steps=10)
+    assert ex["steps"] == 10 and ex["settings"]["steps"] == 10
+    with pytest.raises(ValueError, match="steps=0"):
+        pg(tmp_path / "e", steps=0)
+
+
+def test_layerwise_ppl_init_scores_every_layer_of_the_policy(data_root):
+    """The depth policy covers every layer of the run's range; the composed init=layerwise_ppl scores exactly those
+    layers (it used to score only the method's own candidates, blocks 4..L-3, and fail on layer 0), on the run's
+    calibration set, and its s follows the layer scores."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(os.path.join(ROOT, "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["method=pg", "init=layerwise_ppl", "method.granularity=depth",
+                                           "calibration=c4"])
+    init = instantiate(cfg.init, _convert_="all")
+    assert init.method.keep_first is None and init.method.keep_last is None and init.method.dataset == "c4"
+    init.method.n_samples, init.method.seq_len = 4, 32
+    ctx = make_ctx(data_root)
+    table = UnitTable(ctx.structure, ctx.prunable, granularity="depth")
+    scores = init.method.layer_scores(ctx)
+    assert sorted(scores) == table.layers
+    s = init.init(ctx, table, 0.25)
+    assert torch.equal(torch.argsort(s, stable=True),
+                       torch.argsort(torch.tensor([scores[i] for i in table.layers]), stable=True))
+    init.method.keep_first = 1  # a metric that leaves a policy layer unscored is refused, naming it
+    with pytest.raises(ValueError, match=r"also covers \[0\]"):
+        init.init(ctx, table, 0.25)
+
+
 def test_gumbel_moves_s_and_hits_ratio(tmp_path, data_root):
     from llmsp.prune.methods.pg_gumbel import PolicyGradientGumbel
 

@@ -100,6 +100,10 @@ class MetricInit(RandomInit):
                 raise ValueError(f"init={self.name} scores heads/channels; depth pruning needs a layer metric "
                                  f"(init=layerwise_ppl) or init=random")
             ls = self.method.layer_scores(ctx)
+            unscored = [i for i in table.layers if i not in ls]
+            if unscored:
+                raise ValueError(f"init={self.name} scored layers {sorted(ls)} but the policy also covers {unscored}; "
+                                 f"let the metric score the run's layer range (keep_first/keep_last null)")
             return torch.tensor([float(ls[i]) for i in table.layers], dtype=torch.float64), None
         if not hasattr(self.method, "scores"):
             raise ValueError(f"init={self.name} has no per-unit scores(ctx); use a scoring method")

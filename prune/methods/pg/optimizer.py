@@ -7,7 +7,10 @@ calibration batch of 8 x 128 tokens: Trainer.step (trainer.py) -> final determin
 top-ranked s are kept up to the budget, the ratio met to within half the smallest unit (UnitTable.final_plan).
 
 Data: `n_segments` C4 segments of `seq_len` tokens (paper: 120k, i.e. 15k steps; a CPU run uses far fewer), shuffled
-once with the seed; step t reads rows (8t .. 8t+7) mod n_segments, so the data position is the step count.
+once with the seed; step t reads rows (8t .. 8t+7) mod n_segments, so the data position is the step count. `steps`
+fixes the schedule's length instead of one epoch (Table A17 keeps the steps while the calibration set shrinks).
+Seeds: `seed` draws the data, its order and a random init; `sample_seed` (default seed + 1) drives the masks'
+Bernoulli draws alone, so Table A12's seed sweep varies the sampling with the initialisation fixed.
 Checkpoints: every `checkpoint_every` steps and when a non-finite loss stops the run (state.py), in the run directory
 (Hydra's output dir). resume=true continues from it with the same RNG state and data position, so the final mask
 equals an uninterrupted run's. nan_policy=skip (released code) skips such batches instead.
@@ -55,12 +58,16 @@ class PolicyGradient(PruningMethod):
     def __init__(self, name: str = "pg", init=None, granularity: str = "width", allocation: str = "global",
                  budget: str = "single", gqa_unit: str = "query", n_segments: int = 120000, seq_len: int = 128,
                  checkpoint_every: int = 50, resume: bool = False, log_every: int = 10, out_dir: str | None = None,
-                 plot: bool = True, snapshot_steps: list[int] | None = None, **settings):
+                 plot: bool = True, snapshot_steps: list[int] | None = None, steps: int | None = None,
+                 sample_seed: int | None = None, **settings):
         super().__init__(name)
         self.granularity = granularity
         self.init = init if init is not None else RandomInit()
         self.allocation, self.budget_mode, self.gqa_unit = allocation, budget, gqa_unit
         self.n_segments, self.seq_len = n_segments, seq_len
+        if steps is not None and steps < 1:
+            raise ValueError(f"steps={steps}: give a positive number of optimisation steps, or null for one epoch")
+        self.steps, self.sample_seed = steps, sample_seed
         self.checkpoint_every, self.resume, self.log_every = checkpoint_every, resume, log_every
         self.out_dir, self.plot, self.snapshot_steps = out_dir, plot, set(snapshot_steps or [])
         self.cfg = self.settings_cls(**settings)
@@ -80,15 +87,19 @@ class PolicyGradient(PruningMethod):
         B = self.cfg.batch_size
         data = ctx.calib(n_samples=self.n_segments + B, seq_len=self.seq_len)  # (n_segments + B, T)
         data, probe = data[:-B], data[-B:]  # probe: a held-out batch on which the curves measure the top-s mask
-        epoch = max(1, len(data) // B)
+        # the schedule's length: one epoch of the segments, or `steps` (the data then wraps around, as in the
+        # paper's Table A17, which fixes the total steps while the calibration set shrinks)
+        epoch = self.steps or max(1, len(data) // B)
         stages = self.init.stages(ctx.ratio, epoch)
         total = sum(n for _, n in stages)
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(ctx.seed))
-        gen = torch.Generator().manual_seed(ctx.seed + 1)
+        # the masks' Bernoulli draws: their own seed when sample_seed is set, so a seed sweep varies only the sampling
+        # while the data, its order and the init stay fixed (Table A12 fixes the initialisation)
+        gen = torch.Generator().manual_seed(ctx.seed + 1 if self.sample_seed is None else self.sample_seed)
         fingerprint = {"units": table.n, "granularity": self.granularity, "gqa_unit": self.gqa_unit,
                        "budget": self.budget_mode, "allocation": self.allocation, "ratio": ctx.ratio,
                        "stages": [list(x) for x in stages], "n_segments": len(data), "seed": ctx.seed,
-                       "init": self.init.name, **asdict(self.cfg)}
+                       "sample_seed": self.sample_seed, "init": self.init.name, **asdict(self.cfg)}
         trainer = self.trainer_cls(ctx.model, table, self.cfg, gen)
         start, curves, sparsity_curve, skipped = 0, [], [], 0
         if self.resume and ckpt.exists(out_dir):
@@ -165,7 +176,8 @@ class PolicyGradient(PruningMethod):
             "steps": total, "steps_this_run": total - start, "optimize_wall_s": time.perf_counter() - t0,
             "stages": [list(x) for x in stages], "init": self.init.name, "units": table.n, "skipped_nan": skipped,
             "settings": {**asdict(self.cfg), "granularity": self.granularity, "allocation": self.allocation,
-                         "budget": self.budget_mode, "gqa_unit": self.gqa_unit, "n_segments": len(data)},
+                         "budget": self.budget_mode, "gqa_unit": self.gqa_unit, "n_segments": len(data),
+                         "steps": self.steps, "sample_seed": self.sample_seed},
             "curves": curves, "expected_layer_sparsity": sparsity_curve, "layers": table.layers,
             "final_s": {"mean": float(s.mean()), "entropy": entropy(s), "kind_means": table.kind_means(s),
                         "kept_fraction": table.kept_fraction(s),
