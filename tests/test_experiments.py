@@ -6,9 +6,11 @@ the composed config. An experiment whose method/evaluation configs have not land
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -17,11 +19,11 @@ import pytest
 from conftest import ROOT
 
 from llmsp.sweeps import aggregate as agg  # noqa: E402
+from llmsp.sweeps import paper_table  # noqa: E402
 from llmsp.sweeps.run_table import command  # noqa: E402
 
 EXPERIMENTS = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "conf", "experiment")) if f.endswith(".yaml"))
 GROUPS = {g for g in os.listdir(agg.CONF) if os.path.isdir(os.path.join(agg.CONF, g)) and g != "hydra"}
-SMOKE_MODELS = {"smollm2_135m", "tiny_llama", "tiny_llama_gqa", "tiny_opt", "tiny_bloom"}
 
 
 def _group_choices(exp, sws, common) -> set[tuple[str, str]]:
@@ -85,7 +87,7 @@ def test_experiment_composes_and_covers_its_table(name, scale):
     allowed_missing = set(exp.scales[scale].get("expected_missing", []))
 
     points = agg.expected_points(name, exp, scale)
-    ids = [(p.key, p.pivot) for p in points]
+    ids = [(p.key, p.pivot, p.rep) for p in points]
     assert len(set(ids)) == len(ids), "two grid points map to the same table cell"
     assert any(p.dense for p in points) == bool(tbl.get("dense", False))
 
@@ -101,22 +103,62 @@ def test_experiment_composes_and_covers_its_table(name, scale):
             cfg = agg.compose_point(name, full)
             assert cfg.table == tbl and "scales" in cfg  # the plain keys reach run.py's config untouched
             point = [p for p in points if p.overrides == [*sw.overrides, *ov]][0]
-            assert agg.row_key(tbl, agg.getter(cfg), sw.dense) == point.key  # override-based identity == composed
-            assert agg.pivot_value(tbl, agg.getter(cfg)) == point.pivot
+            value = agg.getter(cfg)
+            assert agg.row_key(tbl, value, sw.dense) == point.key  # override-based identity == composed
+            assert agg.pivot_value(tbl, value) == point.pivot and agg.rep_value(tbl, value) == point.rep
+            for path in ("model.name", "ratio", *(w for t in paper_table.load(exp) for w in t.when)):
+                assert agg._norm(point.value(path)) == agg._norm(value(path)), path  # what the paper check reads
+            assert cfg.evaluate.dtype == ("float16" if scale == "paper" else None)  # the papers' precision
             for r in tbl.rows if not sw.dense else []:
                 assert agg.lookup(cfg, r.key) is not None or r.key.startswith("init."), (r.key, ov)
             for c in tbl.columns:  # every column is measured by the runs, or declared missing at this scale
                 if "path" in c:
                     assert _produced(cfg, c.path) or c.name in allowed_missing, (c.name, ov)
 
-    if scale == "paper":  # every labelled row value of the paper's table is in the paper grid
-        for i, r in enumerate(tbl.rows):
-            values = {p.key[i] for p in points if not p.dense}
-            want = {agg._norm(k) for k in (r.get("labels") or {})} - SMOKE_MODELS
-            assert want <= values, (r.key, want - values)
-        if tbl.get("pivot"):
-            want = set(tbl.pivot.get("labels") or {}) - SMOKE_MODELS
-            assert want <= {p.pivot for p in points}
+    for i, r in enumerate(tbl.rows):  # every row value the grid produces has its display label
+        if r.get("labels"):
+            values = {p.key[i] for p in points if not p.dense} - {None}
+            assert values <= {agg._norm(k) for k in r.labels}, (r.key, values - {agg._norm(k) for k in r.labels})
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_paper_grid_is_the_papers_table(name):
+    """The paper-scale grid, composed point by point, against the descriptions of the paper's tables kept in the
+    config (taken from ../shared/papers/): every run belongs to a described row, model and ratio; every described
+    row, model and ratio is run (as often as the paper's replicates); the columns are the paper's, in its order, with
+    acc or acc_norm as its harness reports; published and dense figures fit the columns. The opening comment names
+    the table."""
+    exp = agg.load_experiment(name)
+    tables = paper_table.load(exp)
+    assert tables, "describe the paper's table(s) under paper.tables"
+    assert paper_table.check(exp, agg.expected_points(name, exp, "paper")) == []
+    with open(os.path.join(agg.CONF, "experiment", f"{name}.yaml")) as f:
+        head = "".join(line for line in f if line.startswith("#"))
+    for t in tables:
+        number = re.search(r"(Table|Figure) A?\d+", t.id)
+        assert number is None or number.group(0) in head, (t.id, "not named in the opening comment")
+
+
+def test_paper_check_reports_each_kind_of_difference():
+    """The check fails on a grid that is not the paper's: a dropped row, a ratio too many, a column out of order,
+    the wrong accuracy metric, dense figures of the wrong length and a published row that names no row."""
+    exp = agg.load_experiment("pg_a10_weight_update")
+    points = agg.expected_points("pg_a10_weight_update", exp, "paper")
+    assert paper_table.check(exp, points) == []
+
+    def problems(edit):
+        e = copy.deepcopy(exp)
+        edit(e.paper.tables[0], e.table)
+        return " | ".join(paper_table.check(e, points))
+
+    assert "is no row of the paper's" in problems(lambda t, tbl: t.rows.pop(0))                  # FLAP not described
+    assert "has no run of llama7b at 0.3" in problems(lambda t, tbl: t.ratios.append(0.3))
+    assert "not the table's" in problems(lambda t, tbl: t.columns.reverse())
+    assert "the paper reports acc_norm" in problems(lambda t, tbl: t.metrics.__setitem__("PIQA", "acc_norm"))
+    assert "dense llama7b has 6 values" in problems(lambda t, tbl: t.dense.llama7b.pop())
+    assert "no row marked published" in problems(lambda t, tbl: t.published[0].__setitem__("method.name", "flap"))
+    assert "in no paper table" in problems(lambda t, tbl: t.__setitem__("when", {"model.name": "llama13b"}))
+    assert "mark them `ours`" in problems(lambda t, tbl: tbl.columns[1].__setitem__("name", "PIQA acc"))
 
 
 def test_run_table_dry_run_prints_each_multirun():
@@ -125,12 +167,15 @@ def test_run_table_dry_run_prints_each_multirun():
                            "hydra.launcher.partition=gpu"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 2  # dense reference + one sweep
+    assert len(lines) == 3  # dense reference + the LLaMA-7B figure's sweep + the BLOOM/OPT table's
     assert "method=dense" in lines[0] and "sweeps_out/mini_llm_criterion/paper/dense" in lines[0]
-    for tok in ("-m", "+experiment=mini_llm_criterion", "method.criterion=wg,wx,wxg", "hydra/launcher=slurm",
+    for tok in ("-m", "+experiment=mini_llm_criterion", "method.criterion=wx,wxg", "hydra/launcher=slurm",
                 "logger=wandb", "logger.mode=offline", "logger.group=mini_llm_criterion-paper",
-                "hydra.launcher.partition=gpu"):
+                "hydra.launcher.partition=gpu", "evaluate.dtype=float16"):
         assert tok in lines[1].split(), tok
+    assert all("evaluate.dtype=float16" in line.split() for line in lines)  # paper scale: the papers' fp16
+    smoke = agg.sweeps(agg.load_experiment("mini_llm_criterion"), "smoke")[0]
+    assert not any(o.startswith("evaluate.dtype") for o in smoke)
 
 
 def test_command_excludes_fixed_keys_from_job_dir_names():
@@ -152,18 +197,22 @@ def _write(root, sub, cfg: dict, metrics):
 
 
 def _synthetic_config(tbl, p) -> dict:
-    """A run config holding just what identifies the point: its row keys, pivot and method name."""
+    """A run config holding just what identifies the point: its row keys, pivot, reduced key and method name."""
     cfg: dict = {}
     keys = [r.key for r in tbl.rows if r.get("dense")] if p.dense else [r.key for r in tbl.rows]
     pairs = list(zip(keys, p.key[1:] if p.dense else p.key))
     pairs += [(tbl.pivot.key, p.pivot)] if tbl.get("pivot") else []
+    pairs += [(tbl.reduce.key, p.rep)] if tbl.get("reduce") else []
     pairs += [("method.name", "dense")] if p.dense else []
+    for r in tbl.rows:  # a row key shown only `when` a condition holds: the run config holds the condition's value
+        for path in r.get("when") or {}:
+            pairs.append((path, p.value(path)))
     for path, v in pairs:
         node = cfg
         *parents, leaf = path.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = v
+        node.setdefault(leaf, v)
     return cfg
 
 
@@ -176,58 +225,131 @@ def _fake_sweep(tmp_path, name, scale, metrics_of, skip=()):
     return exp
 
 
+def _labels(t, row) -> tuple:
+    return tuple(t.rows[row][:t.n_labels])
+
+
 def test_aggregate_bold_dense_first_and_missing_run(tmp_path, caplog):
-    ppl = {0: 10.0, 1: 30.0, 2: 20.0}  # dense, then wg, wx (missing: wxg is index 3)
+    """PG Table 3 at smoke scale: dense first, never bold; the lowest PPL of the block bold; a missing run stays in
+    the table as '–' and is listed; the init column is blank for the Wanda-sp baseline (`when` method.name=pg)."""
+    name = "pg_table3_init"
+    points = agg.expected_points(name, agg.load_experiment(name), "smoke")
+    missing = next(i for i, p in enumerate(points) if "init=random_progressive" in p.overrides)
+    ppl = {"dense": 10.0, "wanda_sp": 30.0, "random": 25.0, "pg": 20.0}
 
     def metrics(i, p):
-        return {"ppl": {"wikitext2": ppl[i], "ptb": ppl[i] * 2}}
+        kind = "dense" if p.dense else "wanda_sp" if p.key[1] == "wanda_sp" else "random" if p.key[2] == "random" \
+            else "pg"
+        return {"ppl": {"wikitext2": ppl[kind]}}
 
-    _fake_sweep(tmp_path, "mini_llm_criterion", "smoke", metrics, skip={3})
+    _fake_sweep(tmp_path, name, "smoke", metrics, skip={missing})
     with caplog.at_level(logging.WARNING, logger="aggregate"):
-        t = agg.aggregate("mini_llm_criterion", "smoke", str(tmp_path))
-    assert t.header == ["Ratio", "Criterion", "WikiText2", "PTB"]
-    assert t.rows[0][:2] == ["", "Dense"] and t.rows[0][2] == "10.00"
-    assert [r[1] for r in t.rows[1:]] == ["|W·Ĝ|", "|W|·‖X‖ (Wanda)", "FMS |W|·‖X‖·|Ĝ|"]
-    assert t.rows[1][0] == "20%"
-    assert t.rows[3][2:] == [agg.DASH, agg.DASH]             # the missing run stays in the table
-    assert t.bold[2][2] and t.bold[2][3] and not t.bold[1][2]  # lowest PPL of the 20% block; dense never bold
+        t = agg.aggregate(name, "smoke", str(tmp_path))
+    assert t.header == ["Ratio", "Method", "Init", "WikiText2", "PG steps", "Time (s)"]
+    assert _labels(t, 0) == ("", "Dense", "") and t.rows[0][3] == "10.00"
+    assert [_labels(t, r) for r in range(1, 5)] == [("30%", "Wanda-sp", ""), ("30%", "Ours", "Random Init"),
+                                                   ("30%", "Ours", "Random-Prog. Init"), ("30%", "Ours", "Wanda-sp Init")]
+    assert t.rows[3][3] == agg.DASH                               # the missing run stays in the table
+    assert t.bold[4][3] and not any(t.bold[r][3] for r in (1, 2))  # lowest PPL of the 30% block; dense never bold
     assert not any(t.bold[0])
-    assert len(t.missing) == 1 and "method.criterion=wxg" in t.missing[0]
-    assert "method.criterion=wxg" in caplog.text
+    assert len(t.missing) == 1 and "init=random_progressive" in t.missing[0]
+    assert "init=random_progressive" in caplog.text
     md = (tmp_path / "table.md").read_text()
-    assert "**20.00**" in md and "| – | – |" in md and "Missing (1)" in md
-    assert (tmp_path / "table.csv").read_text().splitlines()[0] == "Ratio,Criterion,WikiText2,PTB"
+    assert "**20.00**" in md and "| – |" in md and "Missing (1)" in md
+    assert (tmp_path / "table.csv").read_text().splitlines()[0] == "Ratio,Method,Init,WikiText2,PG steps,Time (s)"
     tex = (tmp_path / "table.tex").read_text()
-    assert r"\textbf{20.00}" in tex and r"20\%" in tex and "--" in tex
+    assert r"\textbf{20.00}" in tex and r"30\%" in tex and "--" in tex
+
+
+def test_rows_follow_the_papers_order_with_published_and_paper_dense_rows(tmp_path):
+    """Rows follow the paper's order whatever the sweeps' order (PG Table 1: LLM-Pruner, SliceGPT, Bonsai, Wanda-sp,
+    Ours; FLAP, not in the paper's table, last). Table A10's search-llm row is the paper's figures at its place, marked
+    as not run by us and never bold; at --scale paper the paper's dense row sits under ours, at smoke it does not."""
+    _fake_sweep(tmp_path / "t1", "pg_table1", "smoke", lambda i, p: {"ppl": {"wikitext2": 100.0 + i}})
+    t = agg.aggregate("pg_table1", "smoke", str(tmp_path / "t1"))
+    assert [r[1] for r in t.rows] == ["Dense", "LLM-Pruner", "SliceGPT", "Bonsai", "Wanda-sp", "Ours (PG)", "FLAP"]
+
+    name = "pg_a10_weight_update"
+    tasks = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge")
+    for scale in ("smoke", "paper"):
+        _fake_sweep(tmp_path / scale, name, scale, lambda i, p: {
+            "ppl": {"wikitext2": 9.0 + i}, "zeroshot": {t: {"acc": 0.5, "acc_norm": 0.6} for t in tasks}})
+    t = agg.aggregate(name, "smoke", str(tmp_path / "smoke"))
+    published = "search-llm (published, not run by us: llama7b)"
+    assert [_labels(t, r) for r in range(len(t.rows))] == [
+        ("", "Dense", ""), ("10%", "FLAP", ""), ("10%", published, ""), ("10%", "Ours", "prune-only"),
+        ("10%", "Ours", "prune-then-finetune"), ("20%", "FLAP", ""), ("20%", published, ""),
+        ("20%", "Ours", "prune-only"), ("20%", "Ours", "prune-then-finetune")]
+    h = t.header
+    assert t.rows[2][h.index("WikiText2")] == "6.10" and t.rows[6][h.index("Average")] == "61.52"
+    assert not any(t.bold[2]) and t.bold[1][h.index("WikiText2")]  # 6.10 beats our runs, yet FLAP's is bold
+    assert not t.missing
+    paper = agg.aggregate(name, "paper", str(tmp_path / "paper"))
+    assert [r[1] for r in paper.rows[:2]] == ["Dense", "Dense (paper)"]
+    assert paper.rows[1][h.index("WikiText2"):] == ["5.68", "78.35", "72.99", "67.01", "67.45", "41.38", "65.44"]
+    assert not any(paper.bold[1]) and "Dense (paper)" not in [r[1] for r in t.rows]
+
+
+def test_aggregate_mean_std_over_seeds_and_partial_cells(tmp_path, caplog):
+    """Table A12 at smoke scale: one cell per granularity and ratio, the sample mean ± std of its seeds' PPL; a cell
+    with a seed missing says n=2/3 and the run is listed. Table 4's cells reduce over the ratios: min and max of
+    the peak memory, mean of the time."""
+    name = "pg_a12_seeds"
+    points = agg.expected_points(name, agg.load_experiment(name), "smoke")
+    base = {("width", 0.3): 100.0, ("width", 0.5): 200.0, ("depth", 0.3): 300.0, ("depth", 0.5): 400.0}
+    missing = next(i for i, p in enumerate(points) if p.key == (0.5, "depth") and p.rep == 2)
+
+    def metrics(i, p):
+        return {"ppl": {"wikitext2": base[(p.key[1], p.key[0])] + p.rep}}  # seeds 0, 1, 2 -> +0, +1, +2
+
+    _fake_sweep(tmp_path / "a12", name, "smoke", metrics, skip={missing})
+    with caplog.at_level(logging.WARNING, logger="aggregate"):
+        t = agg.aggregate(name, "smoke", str(tmp_path / "a12"))
+    assert [tuple(r) for r in t.rows] == [
+        ("30%", "Head & Channel", "101.00±1.00"), ("30%", "Layer", "301.00±1.00"),
+        ("50%", "Head & Channel", "201.00±1.00"), ("50%", "Layer", "400.50±0.71 (n=2/3)")]
+    assert t.values[0][2] == pytest.approx(101.0) and t.bold[0][2] and not t.bold[1][2]
+    assert len(t.missing) == 1 and "method.sample_seed=2" in t.missing[0] and "method.granularity=depth" in t.missing[0]
+
+    gib = 2 ** 30
+    mem = {("pg", 0.3): 2.0, ("pg", 0.5): 3.0, ("pg_gumbel", 0.3): 5.0, ("pg_gumbel", 0.5): 8.0}
+    _fake_sweep(tmp_path / "t4", "pg_table4_gumbel", "smoke", lambda i, p: {
+        "peak_memory_bytes": {"prune": mem[(p.key[0], p.rep)] * gib}, "time_s": {"prune": 3600 * mem[(p.key[0], p.rep)]},
+        "ppl": {"wikitext2": 50.0}})
+    t = agg.aggregate("pg_table4_gumbel", "smoke", str(tmp_path / "t4"))
+    assert [tuple(r) for r in t.rows] == [("Gumbel Softmax", "5.00", "8.00", "6.50", "50.00"),
+                                          ("Policy Gradient", "2.00", "3.00", "2.50", "50.00")]
+    with pytest.raises(ValueError, match="stat='median'"):
+        agg.reduce_cell([1.0], "median", ".2f")
 
 
 def test_aggregate_mean_accuracy_metric_per_task_and_missing_metric(tmp_path, caplog):
     name = "mini_llm_table1"
-    exp = agg.load_experiment(name)
-    common, sws = agg.sweeps(exp, "smoke")
-    if _missing_options(_group_choices(exp, sws, common)):
-        pytest.skip("evaluation configs not landed")
     acc = {"boolq": 0.6, "piqa": 0.7, "hellaswag": 0.4, "winogrande": 0.5}
+    points = agg.expected_points(name, agg.load_experiment(name), "smoke")
+    lacking = next(i for i, p in enumerate(points) if "method=wanda_sp" in p.overrides)
 
     def metrics(i, p):
         zs = {t: {"acc": a + 0.01 * i, "acc_norm": a + 0.1 + 0.01 * i} for t, a in acc.items()}
-        if i == 2:
+        if i == lacking:
             zs.pop("piqa")  # a run without one metric: its cell and its mean show "–"
         return {"ppl": {"wikitext2": 50.0 - i, "ptb": 80.0 - i}, "zeroshot": zs}
 
-    _fake_sweep(tmp_path, name, "smoke", metrics)
+    exp = _fake_sweep(tmp_path, name, "smoke", metrics)
     with caplog.at_level(logging.WARNING, logger="aggregate"):
         t = agg.aggregate(name, "smoke", str(tmp_path))
-    h = t.header
-    i1 = 1  # first pruned row: magnitude_l2, index 1 of the points
-    expect_mean = 100 * ((0.6 + 0.01) + (0.7 + 0.01) + (0.4 + 0.1 + 0.01) + (0.5 + 0.01)) / 4  # HellaSwag acc_norm
-    assert t.rows[i1][h.index("HellaSwag")] == f"{100 * (0.4 + 0.1 + 0.01):.2f}"  # acc_norm for HellaSwag
-    assert t.rows[i1][h.index("BoolQ")] == f"{100 * 0.61:.2f}"                      # acc for BoolQ
-    assert t.rows[i1][h.index("Mean")] == f"{expect_mean:.2f}"
-    assert t.rows[2][h.index("PIQA")] == agg.DASH and t.rows[2][h.index("Mean")] == agg.DASH
+    h, row = t.header, {t.rows[r][2]: r for r in range(len(t.rows))}
+    i1 = next(i for i, p in enumerate(points) if "method=magnitude_l2" in p.overrides)
+    m2 = row["Magnitude-l2"]
+    expect_mean = 100 * ((0.6 + 0.01 * i1) + (0.7 + 0.01 * i1) + (0.4 + 0.1 + 0.01 * i1) + (0.5 + 0.01 * i1)) / 4
+    assert t.rows[m2][h.index("HellaSwag")] == f"{100 * (0.4 + 0.1 + 0.01 * i1):.2f}"  # acc_norm for HellaSwag
+    assert t.rows[m2][h.index("BoolQ")] == f"{100 * (0.6 + 0.01 * i1):.2f}"             # acc for BoolQ
+    assert t.rows[m2][h.index("Mean")] == f"{expect_mean:.2f}"
+    w = row["Wanda-sp"]
+    assert t.rows[w][h.index("PIQA")] == agg.DASH and t.rows[w][h.index("Mean")] == agg.DASH
     assert any("zeroshot.piqa.acc" in m for m in t.missing) and "zeroshot.piqa.acc" in caplog.text
-    last = len(t.rows) - 1  # highest accuracies and lowest PPL: the last row, bold in every column
-    assert all(t.bold[last][len(exp.table.rows):])
+    last = row["MINI-LLM"]  # the last grid point: highest accuracies and lowest PPL, bold in every column
+    assert last == len(t.rows) - 1 and all(t.bold[last][len(exp.table.rows):])
 
 
 def test_aggregate_optional_column_is_blank_not_missing(tmp_path):
@@ -239,28 +361,31 @@ def test_aggregate_optional_column_is_blank_not_missing(tmp_path):
     absent = next(i for i, p in enumerate(points) if "method=bonsai" in p.overrides)
 
     def metrics(i, p):
-        m = {"ppl": {"wikitext2": 100.0 + i, "ptb": 200.0 + i}, "params": {"after": 9.4e7}, "time_s": {"prune": 5.0}}
+        m = {"ppl": {"wikitext2": 100.0 + i}, "params": {"after": 9.4e7}, "time_s": {"prune": 5.0}}
         return {**m, "method_extras": {"pg": {"steps": 100}}} if i == pg else m
 
     _fake_sweep(tmp_path, "pg_table1", "cpu", metrics, skip={absent})
     t = agg.aggregate("pg_table1", "cpu", str(tmp_path))
     col = next(j for j, h in enumerate(t.header) if h.endswith("PG steps"))
-    assert t.rows[pg][col] == "100" and t.rows[0][col] == "" and t.rows[1][col] == ""
-    assert t.rows[absent][col] == agg.DASH
+    row = {r[1]: r for r in t.rows}
+    assert row["Ours (PG)"][col] == "100" and row["Dense"][col] == "" and row["Wanda-sp"][col] == ""
+    assert row["Bonsai"][col] == agg.DASH
     assert len(t.missing) == 1 and "method=bonsai" in t.missing[0]
 
 
 def test_aggregate_pivot_columns_and_extra_runs(tmp_path, caplog):
     name = "mini_llm_bloom_opt"
-    _fake_sweep(tmp_path, name, "smoke", lambda i, p: {"ppl": {"wikitext2": 100.0 + i, "ptb": 200.0 + i}})
+    zs = {t: {"acc": 0.5, "acc_norm": 0.6} for t in ("boolq", "piqa", "hellaswag", "winogrande")}
+    _fake_sweep(tmp_path, name, "smoke", lambda i, p: {"ppl": {"wikitext2": 100.0 + i, "ptb": 200.0 + i}, "zeroshot": zs})
     stray = {"model": {"name": "tiny_opt"}, "method": {"name": "wanda_sp"}, "ratio": 0.5}  # not in the grid
     _write(tmp_path, "stray/0", stray, {"ppl": {"wikitext2": 1.0}})
     with caplog.at_level(logging.WARNING, logger="aggregate"):
         t = agg.aggregate(name, "smoke", str(tmp_path))
-    assert t.header == ["Ratio", "Method", "tiny-BLOOM WikiText2", "tiny-BLOOM PTB", "tiny-OPT WikiText2",
-                        "tiny-OPT PTB"]
+    cols = ["WikiText2", "PTB", "BoolQ", "PIQA", "HellaSwag", "WinoGrande", "Mean"]
+    assert t.header == ["Ratio", "Method", *(f"{m} {c}" for m in ("tiny-BLOOM", "tiny-OPT") for c in cols)]
     assert t.rows[0][1] == "Dense" and len(t.rows) == 1 + 2 * 4   # dense + 4 methods x 2 ratios
     assert [r[0] for r in t.rows[1:]] == ["10%"] * 4 + ["30%"] * 4  # grouped by ratio
+    assert [r[1] for r in t.rows[1:5]] == ["Magnitude-l2", "LLM-Pruner", "Wanda-sp", "MINI-LLM"]  # the paper's order
     assert not t.missing and "match no grid point" in caplog.text
     assert "1.00" not in [c for r in t.rows for c in r]  # the stray run is not in the table
 
