@@ -63,6 +63,8 @@ def main(argv=None) -> dict:
             times[p]["pp"].append(timed_prompt(m, prompt))
             times[p]["tg"].append(timed_generation(m, gen))
     load_after = os.getloadavg()[0]
+    for m in models.values():
+        m.close()
     rows = []
     for p in paths:
         pp = args.prompt / statistics.median(times[p]["pp"])
