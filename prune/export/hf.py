@@ -21,6 +21,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+try:  # transformers 5 validates configs through huggingface_hub's strict dataclasses
+    from huggingface_hub.errors import StrictDataclassError as _ConfigRejected
+except ImportError:  # older huggingface_hub: transformers raises ValueError
+    _ConfigRejected = ValueError
+
 from llmsp.prune.export import modeling_pruned
 from llmsp.prune.export.layout import ExportError, LayerLayout, layer_layouts
 from llmsp.prune.plan import KeepPlan
@@ -74,8 +79,8 @@ def build_config(base: dict, layouts: list[LayerLayout], dtype: torch.dtype):
             config.architectures = STOCK[arch]
             config.dtype = dtype
             return config, False
-        except ValueError:  # e.g. transformers' hidden_size % num_attention_heads check: per-layer config instead
-            pass
+        except (ValueError, _ConfigRejected):  # e.g. LlamaConfig's hidden_size % num_attention_heads check: the
+            pass                               # per-layer config keeps the unpruned head count globally
     if arch not in REMOTE:
         raise ExportError(f"This {arch} plan needs per-layer widths, which modeling_pruned.py implements only for "
                           f"{sorted(REMOTE)}")
