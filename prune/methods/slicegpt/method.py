@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmsp.prune.calibration import layer_inputs
 from llmsp.prune.methods.base import PruneContext, PruningMethod
 from llmsp.prune.methods.slicegpt.adapters import Adapter, adapter_for, fuse_norms
 from llmsp.prune.methods.slicegpt.model import RMSN, wrap_layers
@@ -43,31 +44,13 @@ def pca(gram: torch.Tensor, damping: float = 0.01) -> torch.Tensor:
     return vecs[:, torch.argsort(vals, descending=True)]
 
 
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
 def layer0_inputs(model: nn.Module, ad: Adapter, batch: torch.Tensor, bs: int) -> list[tuple[torch.Tensor, dict]]:
     """[(hidden (B, T, D), layer kwargs)] per calibration batch, captured at the first layer's input."""
-    first = get_module(model, ad.layers)[0]
     out = []
-
-    def hook(module, args, kwargs):
-        h = args[0] if args else kwargs.pop("hidden_states")
+    for args, kwargs in layer_inputs(model, get_module(model, ad.layers)[0], batch, bs):
+        h = args[0] if args else kwargs["hidden_states"]
         out.append((h, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _Stop
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
-    try:
-        for i in range(0, len(batch), bs):
-            try:
-                model(input_ids=batch[i:i + bs].to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
     return out
 
 
