@@ -166,7 +166,7 @@ class ZOGradients:
     def __init__(self, named: list[tuple[str, torch.nn.Linear]], eps: float, n_perturbations: int, seed: int,
                  null: bool = False):
         self.index = {k: j for j, (k, _) in enumerate(named)}
-        self.spsa = SPSA([lin.weight for _, lin in named], eps, seed)
+        self.spsa = SPSA([lin for _, lin in named], eps, seed)
         self.n, self.null, self.seed = n_perturbations, null, seed
         self.measured: list[float] = []  # the real g_k (== spsa.gs unless null)
         self.used: list[int] | None = None  # estimates Ĝ averages over (None: all)

@@ -6,9 +6,9 @@ a head's head_dim, as the LLM-Pruner code MINI-LLM builds on; aggregation_order=
 layers kept. criterion/gradient switch to the ablations (|W·G|, |W|·‖X‖; backprop G; gradient=null keeps the SPSA forwards and
 noise but replaces each loss difference by a random value of the same scale, removing the information).
 ε defaults to 1e-2, not MeZO's 1e-3: with bf16 weights (this project's default dtype) 1e-3 moves
-the loss about as much as bf16 rounding does (table in zo_gradient.py); with fp32 weights 1e-3 is safe.
-Peak memory stays at inference level: weights are perturbed in place and z regenerated from seeds
-(prune/methods/zo_gradient.py); the dense_forward stage records a plain forward's peak in the same run.
+the loss no more than bf16 rounding does (table in zo_gradient.py); with fp32 weights 1e-3 is safe.
+Peak memory stays at inference level: each Linear perturbs a temporary copy of its weight inside the forward (W is
+never written) and z is regenerated from seeds (prune/methods/zo_gradient.py); the dense_forward stage records a plain forward's peak in the same run.
 """
 from __future__ import annotations
 
