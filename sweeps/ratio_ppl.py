@@ -5,7 +5,7 @@
 
 mini_llm and llm_pruner take their activation count from calibration.n_samples here, like wanda_sp.
 
-Unit scores do not depend on the ratio, so each method scores once (fresh model load per method, since
+Unit scores do not depend on the ratio, so each method scores once (fresh model load per method, so that
 no method sees changes another made to the model) and every ratio's KeepPlan is evaluated
 with masks (masked == sliced, tests/test_foundation.py). Per (method, ratio) the folder
 <out-dir>/<method>_r<ratio> holds kept_units.json and results.json (ppl, per_layer_sparsity, stage
