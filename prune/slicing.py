@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmsp.prune.export.modeling_pruned import EmptyAttention
 from llmsp.prune.plan import KeepPlan
 from llmsp.prune.structure import LayerInfo, ModelStructure, get_module
 
@@ -31,19 +32,14 @@ class HeadGather(nn.Module):
         return y[..., self.head_index, :].flatten(-2)  # (B, T, Hq*hd)
 
 
-class EmptyAttention(nn.Module):
-    """An attention block with every head pruned: it adds only the output projection's bias, if any."""
-
-    def __init__(self, bias: torch.Tensor | None, adds_residual: bool):
-        super().__init__()
-        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
-        self.adds_residual = adds_residual  # BLOOM's attention returns output + residual
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        out = torch.zeros_like(hidden_states) if self.bias is None else self.bias.expand_as(hidden_states).clone()
-        if self.adds_residual:
-            out = out + (args[0] if args else kwargs["residual"])
-        return out, None
+def empty_attention(o: nn.Linear, adds_residual: bool) -> EmptyAttention:
+    """The block that replaces an attention with every head pruned: it adds only o's bias (copied, frozen), if any.
+    The class is the exported model's own (modeling_pruned.py), so sliced and exported models share one layout."""
+    block = EmptyAttention(o.out_features, o.bias is not None, adds_residual, like=o.weight)
+    if o.bias is not None:
+        block.bias.data.copy_(o.bias.data)
+        block.bias.requires_grad_(False)
+    return block
 
 
 def slice_linear(lin: nn.Linear, index: torch.Tensor, axis: int) -> None:
@@ -68,9 +64,7 @@ def _slice_attention(s: ModelStructure, info: LayerInfo, heads: list[int], kv: l
     spec = s.spec
     attn = get_module(info.module, spec.attn)
     if not heads:
-        o = info.linear(spec.o)
-        bias = o.bias.data.clone() if o.bias is not None else None
-        _set_module(info.module, spec.attn, EmptyAttention(bias, adds_residual=s.arch == "bloom"))
+        _set_module(info.module, spec.attn, empty_attention(info.linear(spec.o), adds_residual=s.arch == "bloom"))
         return
     for c in info.head_weights:
         units = kv if c.kind == "kv" else heads

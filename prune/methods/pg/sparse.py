@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from llmsp.prune.plan import KeepPlan
-from llmsp.prune.slicing import EmptyAttention, HeadGather
+from llmsp.prune.slicing import HeadGather, empty_attention
 from llmsp.prune.structure import ModelStructure, get_module
 
 
@@ -48,8 +48,7 @@ class SparseSubnet:
                 continue
             heads = sorted(plan.heads[i])
             if not heads:
-                o = info.linear(spec.o)
-                self._swap(info.module, spec.attn, EmptyAttention(o.bias, adds_residual=False))
+                self._swap(info.module, spec.attn, empty_attention(info.linear(spec.o), adds_residual=False))
             elif len(heads) < info.n_heads:
                 kv = plan.kept_kv(s, i)
                 attn = get_module(info.module, spec.attn)
