@@ -152,16 +152,19 @@ def _hand_unit_scores(info, imp, combine, order="unit"):
     return heads, combine(ch)
 
 
-@pytest.mark.parametrize("criterion,taylor,vectorwise,agg,ckpt,order", [
-    ("wxg", "first", False, "max", False, "index"), ("wxg", "first", False, "max", False, "unit"),
-    ("wg", "first", False, "sum", False, "index"), ("wg", "second", False, "sum", False, "index"),
-    ("wg", "mix", False, "sum", True, "index"), ("wg", "first", True, "sum", False, "index"),
-    ("wx", "first", False, "max", False, "index"), ("wx", "first", False, "max", False, "unit")])
-def test_backprop_scores_match_hand_computation(criterion, taylor, vectorwise, agg, ckpt, order):
+@pytest.mark.parametrize("criterion,taylor,vectorwise,agg,ckpt,order,gbs", [
+    ("wxg", "first", False, "max", False, "index", 1), ("wxg", "first", False, "max", False, "unit", 1),
+    ("wg", "first", False, "sum", False, "index", 1), ("wg", "second", False, "sum", False, "index", 1),
+    ("wg", "mix", False, "sum", True, "index", 1), ("wg", "first", True, "sum", False, "index", 1),
+    ("wx", "first", False, "max", False, "index", 1), ("wx", "first", False, "max", False, "unit", 1),
+    ("wg", "first", False, "sum", False, "index", 4), ("wxg", "first", False, "max", False, "index", 4)])
+def test_backprop_scores_match_hand_computation(criterion, taylor, vectorwise, agg, ckpt, order, gbs):
+    """gbs=1: four batches accumulated; gbs=4: one batch whose .grad is kept as is (the llm_pruner default). Equal
+    token counts per sample make the full-batch gradient the mean of the per-sample ones the hand computation uses."""
     model, _, s = tiny_model("tiny_llama_gqa", torch.float64)
     batch = torch.randint(3, 259, (4, 16), generator=torch.Generator().manual_seed(0))  # (N, T)
     m = GradientScoring("t", criterion=criterion, gradient="backprop", taylor=taylor, vectorwise=vectorwise,
-                        aggregation=agg, grad_samples=4, grad_batch_size=1, act_samples=4, gradient_checkpointing=ckpt,
+                        aggregation=agg, grad_samples=4, grad_batch_size=gbs, act_samples=4, gradient_checkpointing=ckpt,
                         aggregation_order=order)
     scores = m.scores(_ctx(model, s, batch))
     combine = (lambda t: t.max(1).values) if agg == "max" else (lambda t: t.sum(1))

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 import torch
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 from llmsp.prune.allocation import select
 from llmsp.prune.calibration import InputStats, run_batches
@@ -105,22 +106,33 @@ def checkpointed_layers(layers: list[torch.nn.Module], enabled: bool):
 
 class BackpropGradients:
     """Mean gradient G (and mean squared batch gradient F) of the fp32 LM loss for the given weights,
-    accumulated one batch at a time in fp32; each .grad is freed as soon as it is accumulated.
-    Only these weights require grad, so autograd stores nothing below the first prunable layer."""
+    accumulated one batch at a time; each .grad is released as soon as it is stored.
+    Only these weights require grad, so autograd stores nothing below the first prunable layer.
+    One batch (the default: LLM-Pruner's single forward and backward) keeps each .grad as it is, in the weight's
+    dtype: it holds all the information there is, and costs no extra pass or memory beyond the backward. From the
+    second batch on, G and F accumulate in fp32 (or the weights' dtype if wider)."""
 
     def __init__(self, named: list[tuple[str, torch.nn.Linear]], fisher: bool):
         self.names = [k for k, _ in named]
         self.params = [lin.weight for _, lin in named]
-        self.g = {k: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for k, p in zip(self.names, self.params)}
-        self.f = {k: torch.zeros_like(v) for k, v in self.g.items()} if fisher else {}
+        self.fisher_wanted = fisher
+        self.g: dict[str, torch.Tensor] = {}
+        self.f: dict[str, torch.Tensor] = {}
         self.n_batches = 0
 
     def _hook(self, key: str):
         def hook(p):
-            g = p.grad.float()  # (out, in)
-            self.g[key].add_(g)
-            if self.f:
-                self.f[key].addcmul_(g, g)
+            grad = p.grad  # (out, in), the weight's dtype
+            wide = torch.promote_types(grad.dtype, torch.float32)  # bf16/fp16 -> fp32; fp32, fp64 stay
+            if key not in self.g:
+                self.g[key] = grad
+                if self.fisher_wanted:
+                    self.f[key] = grad.to(wide).square()  # not in place: .to may return grad itself
+            else:
+                self.g[key] = self.g[key].to(wide)  # a no-op after the first conversion
+                self.g[key].add_(grad)  # computed in the wide dtype
+                if self.fisher_wanted:
+                    self.f[key].addcmul_(grad, grad)
             p.grad = None
         return hook
 
@@ -143,9 +155,14 @@ class BackpropGradients:
             for p in self.params:
                 p.requires_grad_(False)
                 p.grad = None
-        for d in (self.g, self.f):
-            for v in d.values():
-                v.div_(self.n_batches)
+        missing = [k for k in self.names if k not in self.g]
+        if missing:
+            raise RuntimeError(f"no gradient reached {missing[:3]}{'...' if len(missing) > 3 else ''}: "
+                               "the loss does not depend on these weights")
+        if self.n_batches > 1:
+            for d in (self.g, self.f):
+                for v in d.values():
+                    v.div_(self.n_batches)
         return losses
 
     def grad(self, key: str) -> torch.Tensor:
@@ -173,10 +190,13 @@ class ZOGradients:
 
     @torch.no_grad()
     def run(self, model, batch: torch.Tensor, batch_size: int) -> None:
-        for i in range(0, len(batch), batch_size):
-            b = batch[i:i + batch_size]
-            for _ in range(self.n):
-                self.spsa.project(lambda: lm_loss(model, b))
+        starts = range(0, len(batch), batch_size)
+        with tqdm(total=len(starts) * self.n, desc="SPSA perturbations", leave=False) as bar:
+            for i in starts:
+                b = batch[i:i + batch_size]
+                for _ in range(self.n):
+                    self.spsa.project(lambda: lm_loss(model, b))
+                    bar.update()
         self.measured = list(self.spsa.gs)
         if self.null:
             g = torch.tensor(self.measured)
