@@ -380,5 +380,6 @@ def test_zo_information_ablation_runs_and_counts_its_forwards(data_root):
     assert v["fms_backprop"]["spearman_heads"] == pytest.approx(1.0)
     assert (v["wx"]["forwards"], v["fms_zo_n1"]["forwards"], v["fms_zo_n2"]["forwards"]) == (0, 20, 40)
     assert v["fms_null"]["forwards"] == 20
+    assert "seconds" in v["fms_zo_n2"] and "seconds" not in v["fms_zo_n1"]  # only the run that was timed
     assert all(set(r["ppl"]["0.3"]) == {"wikitext2", "ptb"} for r in v.values())
     assert v["fms_zo_n1"]["spearman_channels"] != v["fms_null"]["spearman_channels"]
