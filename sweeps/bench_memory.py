@@ -9,8 +9,9 @@ reference for backprop scorers: one forward and backward of the loss with every 
 LLM-Pruner's released code runs to get its gradients), on the same batch.
 
 Every method runs in its own subprocess (one at a time), on the same model, dtype and batch: the
-calibration batch size and the gradient batch size are both --batch-size, and the plain forward is
-one forward plus fp32 loss on a batch of that size (gradient samples have the calibration length too). Peak memory is the largest per-stage peak of the
+calibration batch size, the gradient sample count and the gradient batch size are all --batch-size, so a
+gradient method's backward sees the same batch as `backward`; the plain forward is one forward plus fp32 loss on a
+batch of that size (gradient samples have the calibration length too). Peak memory is the largest per-stage peak of the
 method's stages (prune/memory.py: CUDA max_memory_allocated, or the process's peak RSS on CPU);
 seconds is the sum of those stages (data loading and tokenizing excluded). On CPU the subprocesses run
 with MALLOC_MMAP_THRESHOLD_ fixed, so freed tensors go back to the OS and a stage's peak RSS is not
@@ -54,7 +55,8 @@ def worker(spec: str, model: str, batch_size: int, seq_len: int, dtype: str, dev
     overrides = [f"model={model}", f"method={'dense' if reference else name}", f"dtype={dtype}",
                  f"device={device}", f"calibration.batch_size={batch_size}", f"calibration.seq_len={seq_len}"]
     if name in GRADIENT_METHODS:
-        overrides += [f"method.grad_batch_size={batch_size}", "method.dense_forward=false", f"method.grad_seq_len={seq_len}",
+        overrides += [f"method.grad_samples={batch_size}", f"method.grad_batch_size={batch_size}",
+                      f"method.grad_seq_len={seq_len}", "method.dense_forward=false",
                       "method.act_samples=${calibration.n_samples}"]  # the same activation count as wanda_sp
     overrides += own
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
