@@ -17,10 +17,26 @@ a budget of 62%, so every sampled sub-network was far more pruned than the targe
   metric scores are not comparable across layers (Wanda-sp's grow with depth on SmolLM2, and one global
   standardisation made the first 10 layers lose every head: WikiText-2 PPL 9e4 at ratio 0.3). norm_scope="global"
   standardises per unit kind over the whole model. Layer scores (depth) are standardised over the layers.
+  `normalize` picks what sigmoid_norm feeds the sigmoid:
+  - "zscore" (paper Eq. A10 and the released utils.py:29 sigmap): the standardised score. One outlier unit inflates
+    a layer's std and puts its other units at z ~ 0, so skewed layers keep nearly everything and the step-0 top-s
+    plan is far worse than the metric's own (SmolLM2 at 30% of the layers: WikiText-2 1385 against Wanda-sp's 369).
+  - "rank" (ours): per layer and unit kind, the units the metric's own plan removes get quantiles (0, 1/2) and the
+    ones it keeps (1/2, 1), in the order of their scores, q = 1/2 (r + 1)/(k + 1) within each side of k units; then
+    x = logit(q). Every removed unit ranks below every kept one, so after the shift onto the budget the step-0 top-s
+    plan is the metric's own plan, and PG starts from it with graded uncertainty instead of score_const's two values.
+  `shift` puts the transformed scores on the budget:
+  - "logit" (default): s = sigmoid(x + b_g), one b per budget group (`on_budget`); expected kept parameters = budget.
+  - "additive" (released init.py:185-186 via utils.py:27 sigmap): per layer and unit kind, s = clamp(sigmoid(x) +
+    keep - mean(sigmoid(x)), 0, 1), keep = the budget's kept fraction, so every layer starts at the same mean and
+    units above 1 are clamped there (absorbing under the released score function).
+  `seq_len`: the metric's calibration length (null: the run's calibration.seq_len; released: 1024,
+  scripts/llama2_7b.sh:30-31).
 `stages(ratio, epoch)` lists the (ratio, steps) schedule of the optimisation.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -85,13 +101,31 @@ class ProgressiveInit(RandomInit):
 
 class MetricInit(RandomInit):
     def __init__(self, method, name: str | None = None, transform: str = "sigmoid_norm", c: float = 0.8,
-                 norm_scope: str = "layer"):
+                 norm_scope: str = "layer", normalize: str = "zscore", shift: str = "logit",
+                 seq_len: int | None = None):
         if transform not in ("sigmoid_norm", "score_const"):
             raise ValueError(f"init transform={transform!r}: choose sigmoid_norm or score_const")
         if norm_scope not in ("layer", "global"):
             raise ValueError(f"init norm_scope={norm_scope!r}: choose layer or global")
+        if normalize not in ("zscore", "rank"):
+            raise ValueError(f"init normalize={normalize!r}: choose zscore (paper) or rank (starts at the metric's plan)")
+        if shift not in ("logit", "additive"):
+            raise ValueError(f"init shift={shift!r}: choose logit (on the budget) or additive (released sigmap)")
         super().__init__(name or method.name, spread=0.0)
         self.method, self.transform, self.c, self.norm_scope = method, transform, c, norm_scope
+        self.normalize, self.shift, self.seq_len = normalize, shift, seq_len
+
+    def init(self, ctx, table: UnitTable, ratio: float) -> torch.Tensor:
+        if self.seq_len:
+            ctx = dataclasses.replace(ctx, calibration={**ctx.calibration, "seq_len": self.seq_len})
+        x = self.logits(ctx, table, ratio)
+        if self.shift == "logit":
+            return on_budget(x, table.cost, table.budget(ratio), table.group)
+        keep = table.budget(ratio) / table.group_cost  # (G,) kept fraction of each budget group
+        s = torch.sigmoid(x)
+        for idx in self._norm_groups(table):
+            s[idx] = (s[idx] + keep[table.group[idx]] - s[idx].mean()).clamp(0, 1)
+        return s
 
     def unit_scores(self, ctx, table: UnitTable) -> tuple[torch.Tensor, dict | None]:
         """The metric's score of every unit (n,), higher = more important, and its raw per-layer scores (width)."""
@@ -122,11 +156,23 @@ class MetricInit(RandomInit):
         if self.transform == "score_const":
             kept = self._kept(ctx, table, scores, raw, ratio)
             return torch.where(kept, logit(torch.tensor(self.c)), logit(torch.tensor(1 - self.c)))
+        if self.normalize == "rank":
+            return self._rank_logits(table, scores, self._kept(ctx, table, scores, raw, ratio))
         x = torch.zeros_like(scores)
         for idx in self._norm_groups(table):
             if len(idx) > 1:
                 x[idx] = (scores[idx] - scores[idx].mean()) / scores[idx].std().clamp(min=1e-12)
         return x
+
+    def _rank_logits(self, table: UnitTable, scores: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """logit of each unit's quantile within its layer and kind, removed units in (0, 1/2), kept in (1/2, 1)."""
+        q = torch.empty_like(scores)
+        for idx in self._norm_groups(table):
+            for side, lo in ((~kept[idx], 0.0), (kept[idx], 0.5)):
+                members = idx[side]
+                ranks = torch.argsort(torch.argsort(scores[members], stable=True), stable=True).double()
+                q[members] = lo + 0.5 * (ranks + 1) / (len(members) + 1)
+        return logit(q)
 
     def _norm_groups(self, table: UnitTable) -> list[torch.Tensor]:
         """Index sets standardised together: per layer and unit kind (norm_scope="layer"), or per kind."""
