@@ -7,7 +7,11 @@
 For every <run dir>/pg_s_step<N>.safetensors this builds the final deterministic plan from that s exactly as the
 method does at its end (UnitTable.final_plan at the run's ratio), applies it with masks (masked == sliced,
 tests/test_foundation.py) and measures WikiText-2 / PTB PPL on the same windows as the run's evaluator. Step 0 is
-the init's own top-s mask. Prints one JSON line per snapshot and writes <run dir>/snapshots.json.
+the init's own top-s mask. Beside the PPL, each row says how far s has moved (`drift`): the mean |s - s_0| over the
+units, Spearman's rank correlation of s with the init's, the units whose top-s membership changed since the previous
+snapshot (and per 1000 steps: how fast the plan itself moves), and the kept fraction of each layer's prunable
+parameters under the top-s plan next to a uniform plan's (what Wanda-sp's default allocation keeps per layer).
+`--no-ppl` skips the forwards. Prints one JSON line per snapshot and writes <run dir>/snapshots.json.
 """
 from __future__ import annotations
 
@@ -22,16 +26,60 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def spearman(a, b) -> float:
+    """Spearman's rank correlation of two (n,) tensors (average ranks are not needed: s has no exact ties in
+    practice, and a tie only shifts a rank by one)."""
+    import torch
+
+    ra = torch.argsort(torch.argsort(a, stable=True)).double()
+    rb = torch.argsort(torch.argsort(b, stable=True)).double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def layer_kept(table, plan) -> list[float]:
+    """Kept fraction of each prunable layer's prunable parameters under `plan` (units of `table`)."""
+    keep = table.mask_from_plan(plan).double()
+    out = []
+    for i in table.layers:
+        a, c = table.slices[i]
+        idx = slice(a.start, c.stop)
+        out.append(float((table.cost[idx] * keep[idx]).sum() / table.cost[idx].sum()))
+    return out
+
+
+def drift(table, snaps: dict, ratio: float) -> dict:
+    """{step: stats} for snapshots {step: s (n,)}, step 0 (the init) required: mean |s - s_0|, rank correlation with
+    s_0, top-s units changed since the previous snapshot (total and per 1000 steps), per-layer kept fractions."""
+    steps = sorted(snaps)
+    s0 = snaps[steps[0]]
+    out, prev = {}, None
+    for k in steps:
+        plan = table.final_plan(snaps[k], ratio)
+        mask = table.mask_from_plan(plan)
+        row = {"mean_abs_ds": float((snaps[k] - s0).abs().mean()), "spearman_init": spearman(snaps[k], s0),
+               "layer_kept": [round(x, 4) for x in layer_kept(table, plan)]}
+        if prev is not None:
+            changed = int((mask != prev[1]).sum())
+            row["crossed"] = changed
+            row["crossed_per_1000_steps"] = changed * 1000 / (k - prev[0])
+        out[k], prev = row, (k, mask)
+    return out
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description="PPL of a pg run's top-s masks at its snapshot steps")
     ap.add_argument("run_dir")
     ap.add_argument("--max-windows", type=int, default=None, help="default: the run's evaluate.ppl.max_windows")
+    ap.add_argument("--no-ppl", action="store_true", help="only the drift statistics (no forward passes)")
     args = ap.parse_args(argv)
 
     from omegaconf import OmegaConf
 
     from llmsp.evaluate.ppl import eval_windows, window_nll
-    from llmsp.prune.allocation import model_ratio
+    import torch
+
+    from llmsp.prune.allocation import model_ratio, select
     from llmsp.prune.data import eval_tokens
     from llmsp.prune.masks import Masker
     from llmsp.prune.methods.pg import state as ckpt
@@ -55,16 +103,22 @@ def main(argv=None) -> list[dict]:
     for d in ev.datasets:
         ids = eval_tokens(tok, d, ev.splits[d], cfg.data.root)
         windows[d] = eval_windows(ids, ev.seq_len)[:max_windows]  # (W, T)
+    snaps = {int(re.search(r"step(\d+)", p).group(1)): None for p in paths}
+    snaps = {k: ckpt.load_snapshot(args.run_dir, k) for k in snaps}
+    stats = drift(table, snaps, ratio) if 0 in snaps else {}
+    ones = {"heads": [torch.ones(x.n_heads) for x in s.layers], "channels": [torch.ones(x.n_channels) for x in s.layers]}
+    uniform = layer_kept(table, select(s, ones, ratio, cfg.layer_range.first, cfg.layer_range.last, "uniform"))
     rows = []
-    for path in paths:
-        step = int(re.search(r"step(\d+)", path).group(1))
-        sv = ckpt.load_snapshot(args.run_dir, step)
+    for step, sv in snaps.items():
         plan = table.final_plan(sv, ratio)
-        with Masker(s, plan):
-            ppl = {d: math.exp(window_nll(model, w, ev.batch_size, desc=f"step {step} {d}").mean().item())
-                   for d, w in windows.items()}
+        ppl = {}
+        if not args.no_ppl:
+            with Masker(s, plan):
+                ppl = {d: math.exp(window_nll(model, w, ev.batch_size, desc=f"step {step} {d}").mean().item())
+                       for d, w in windows.items()}
         row = {"step": step, "achieved_ratio": plan.achieved_ratio(s), "ppl": ppl,
-               "windows": {d: len(w) for d, w in windows.items()}, "kind_means": table.kind_means(sv)}
+               "windows": {d: len(w) for d, w in windows.items()}, "kind_means": table.kind_means(sv),
+               "drift": stats.get(step, {}), "uniform_layer_kept": [round(x, 4) for x in uniform]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     write_json(os.path.join(args.run_dir, "snapshots.json"), rows)

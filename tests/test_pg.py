@@ -15,7 +15,7 @@ from llmsp.prune.allocation import select
 from llmsp.prune.methods.base import PruneContext
 from llmsp.prune.memory import StageMeter
 from llmsp.prune.methods.pg import state as ckpt
-from llmsp.prune.methods.pg.init import MetricInit, ProgressiveInit, RandomInit
+from llmsp.prune.methods.pg.init import MetricInit, ProgressiveInit, RandomInit, logit, on_budget
 from llmsp.prune.methods.pg.optimizer import PolicyGradient
 from llmsp.prune.methods.pg.policy import Baseline, learning_rate, sample_masks, score_gradient
 from llmsp.prune.methods.pg.projection import project, projected_step
@@ -109,6 +109,24 @@ def test_baselines_follow_eq8_window_and_leave_one_out():
     with pytest.raises(ValueError, match="n_samples >= 2"):
         loo.deltas(torch.tensor([1.0]))
     assert Baseline("none").deltas(torch.tensor([3.0, 5.0])).tolist() == [0.0, 0.0]  # Table A13's "w/o"
+    first = Baseline("ema", 4, delta0="first")  # released: δ := the first mean loss, then the same EMA
+    assert first.deltas(torch.tensor([3.0, 5.0])).tolist() == [4.0, 4.0]  # 0.75 * 4 + 8 / 8
+    assert first.deltas(torch.tensor([6.0, 10.0])).tolist() == [5.0, 5.0]  # 0.75 * 4 + 16 / 8
+    assert first.deltas(torch.tensor([0.0, 0.0])).tolist() == [3.75, 3.75]
+
+
+def test_released_score_function_formula_and_absorbing_states():
+    """score_scale=released: Σ_k (L_k - δ)(m_k - s) / sqrt((s + eps)(1 - s + eps)) / (K - 1), s unclamped; a unit at
+    s = 0 or 1 (every draw m = s) gets exactly zero gradient."""
+    s = torch.tensor([0.7, 0.0, 1.0, 0.2], dtype=torch.float64)
+    m = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
+    L, d = torch.tensor([5.0, 9.0]), torch.tensor([7.0, 7.0])
+    g = score_gradient(s, m, L, d, eps=1e-7, scale="released")
+    hand = [((-2) * (1 - 0.7) + 2 * (0 - 0.7)) / math.sqrt((0.7 + 1e-7) * (0.3 + 1e-7)), 0.0, 0.0,
+            ((-2) * (0 - 0.2) + 2 * (1 - 0.2)) / math.sqrt((0.2 + 1e-7) * (0.8 + 1e-7))]
+    torch.testing.assert_close(g, torch.tensor(hand, dtype=torch.float64))
+    one = score_gradient(s, m[:1], L[:1], d[:1], eps=1e-7, scale="released", drawn=2)  # a dropped sample: / (K - 1)
+    torch.testing.assert_close(one[0], torch.tensor(-2 * 0.3 / math.sqrt((0.7 + 1e-7) * (0.3 + 1e-7)), dtype=torch.float64))
 
 
 class ToyTrainer(Trainer):
@@ -350,15 +368,27 @@ def test_interrupted_and_resumed_run_gives_the_same_mask(tmp_path, data_root):
 
 
 class NaNTrainer(Trainer):
-    """The sampled losses of step 2 are NaN."""
+    """The sampled losses of the third call are NaN: every sample's (`nan_samples=None`) or those listed. Records the
+    schedule position each call gets."""
+
+    nan_samples = None
 
     def step(self, s, batch, budget, step, total):
-        self.nan_now = step == 2
-        return super().step(s, batch, budget, step, total)
+        self.calls = getattr(self, "calls", 0) + 1
+        self.positions = getattr(self, "positions", []) + [step]
+        self.sampling = True
+        try:
+            return super().step(s, batch, budget, step, total)
+        finally:
+            self.sampling = False
 
     def losses(self, batch, m):
         out = super().losses(batch, m)
-        return out * float("nan") if getattr(self, "nan_now", False) else out
+        if self.calls != 3 or not self.sampling:  # the probe's loss of the top-s mask stays finite
+            return out
+        bad = torch.ones_like(out, dtype=torch.bool) if self.nan_samples is None else torch.zeros_like(out, dtype=torch.bool)
+        bad[list(self.nan_samples or [])] = True
+        return torch.where(bad, torch.full_like(out, float("nan")), out)
 
 
 def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, data_root):
@@ -367,11 +397,34 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, data_root):
     with pytest.raises(FloatingPointError, match="non-finite loss .* at step 2"):
         method.plan(make_ctx(data_root))
     assert os.path.isfile(tmp_path / "pg_state.safetensors") and os.path.isfile(tmp_path / "pg_state.json")
-    skip = pg(tmp_path / "skip", init=RandomInit(), nan_policy="skip")
-    skip.trainer_cls = NaNTrainer
+
+
+def test_nan_policy_skip_is_the_released_one(tmp_path, data_root):
+    """Released (pgpruning.py:442-454): NaN samples are dropped and the rest update s; a step with no finite sample
+    leaves s, δ and the lr schedule as they are (the next step reuses the schedule position)."""
+    trainers = []
+
+    class Recorded(NaNTrainer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            trainers.append(self)
+
+    skip = pg(tmp_path / "all", init=RandomInit(), nan_policy="skip", lr_schedule="cosine")
+    skip.trainer_cls = Recorded
     ctx = make_ctx(data_root)
     skip.plan(ctx)
-    assert ctx.extras["pg"]["skipped_nan"] == 1
+    assert ctx.extras["pg"]["skipped_nan"] == 1 and ctx.extras["pg"]["dropped_nan_samples"] == 2
+    total = ctx.extras["pg"]["steps"]
+    assert trainers[-1].positions == [0, 1, 2] + list(range(2, total - 1))  # no lr advance for the skipped step
+    Recorded.nan_samples = [1]
+    part = pg(tmp_path / "one", init=RandomInit(), nan_policy="skip", log_every=1)
+    part.trainer_cls = Recorded
+    ctx = make_ctx(data_root)
+    part.plan(ctx)
+    pgx = ctx.extras["pg"]
+    assert pgx["skipped_nan"] == 0 and pgx["dropped_nan_samples"] == 1
+    assert trainers[-1].positions == list(range(pgx["steps"]))
+    assert math.isfinite(pgx["curves"][2]["loss"])  # the mean of the finite sample
 
 
 def test_inits_start_on_the_budget_and_follow_the_metric(data_root):
@@ -400,6 +453,28 @@ def test_inits_start_on_the_budget_and_follow_the_metric(data_root):
     kept, dropped = s[c][plan.channels[1]], s[c][[j for j in range(len(raw["channels"][1])) if j not in plan.channels[1]]]
     assert kept.min() > dropped.max()
     assert ProgressiveInit().stages(0.3, 30) == [(0.05, 10), (0.1, 10), (0.15, 10), (0.2, 10), (0.25, 10), (0.3, 10)]
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.3, 0.5])
+@pytest.mark.parametrize("source", ["magnitude_l1", "wanda_sp"])
+def test_rank_init_step0_top_s_plan_is_the_source_plan(data_root, source, ratio):
+    """normalize=rank: the top-s plan of the init (what PG would return at step 0) keeps exactly the units the
+    metric's own plan keeps, and s is graded within each side by the metric's order."""
+    from llmsp.prune.methods.wanda_sp import WandaSP
+    ctx = make_ctx(data_root, ratio=ratio)
+    metric = Magnitude(source, p=1) if source == "magnitude_l1" else WandaSP(source)
+    source_plan = metric.plan(ctx)
+    table = UnitTable(ctx.structure, ctx.prunable)
+    s = MetricInit(metric, normalize="rank").init(ctx, table, ratio)
+    assert abs(float(table.cost @ s) / float(table.budget(ratio).sum()) - 1) < 1e-3  # on the budget
+    top = table.final_plan(s, ratio)
+    assert top.heads == source_plan.heads and top.channels == source_plan.channels
+    raw = metric.scores(ctx)
+    a, c = table.slices[1]
+    kept = torch.tensor(source_plan.channels[1])
+    assert torch.equal(torch.argsort(s[c][kept], stable=True), torch.argsort(raw["channels"][1][kept], stable=True))
+    zscore = MetricInit(metric).init(ctx, table, ratio)  # the paper's transform: ordered alike within a layer
+    assert torch.equal(torch.argsort(zscore[c], stable=True), torch.argsort(raw["channels"][1], stable=True))
 
 
 def test_pg_end_to_end_hits_ratio_and_logs(tmp_path, data_root):
@@ -521,3 +596,25 @@ def test_hydra_configs_build_pg_with_init():
         cfg = compose("config", overrides=["method=pg_gumbel", "init=random", "method.granularity=depth"])
         m = instantiate(cfg.method, _convert_="all")
         assert m.granularity == "depth" and m.name == "pg_gumbel"
+
+
+def test_snapshot_drift_statistics(data_root):
+    """sweeps/pg_snapshots.drift: an unchanged s has zero drift, rank correlation 1 and no crossings; a reversed s
+    correlates -1 and moves units across the top-s boundary; the layer kept fractions are those of the top-s plan."""
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "sweeps"))
+    from pg_snapshots import drift, layer_kept
+
+    ctx = make_ctx(data_root)
+    table = UnitTable(ctx.structure, ctx.prunable)
+    s0 = RandomInit().init(ctx, table, 0.3)
+    flipped = on_budget(-logit(s0), table.cost, table.budget(0.3), table.group)
+    st = drift(table, {0: s0, 100: s0.clone(), 300: flipped}, 0.3)
+    assert st[100]["mean_abs_ds"] == 0 and st[100]["spearman_init"] == pytest.approx(1) and st[100]["crossed"] == 0
+    assert st[300]["spearman_init"] == pytest.approx(-1) and st[300]["crossed"] > 0
+    assert st[300]["crossed_per_1000_steps"] == pytest.approx(st[300]["crossed"] * 5)
+    plan = table.final_plan(s0, 0.3)
+    kept = layer_kept(table, plan)
+    total = sum(k * float(table.cost[table.slices[i][0].start:table.slices[i][1].stop].sum())
+                for k, i in zip(kept, table.layers))
+    assert total == pytest.approx(float(table.cost @ table.mask_from_plan(plan).double()))

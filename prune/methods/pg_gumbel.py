@@ -40,11 +40,13 @@ class GumbelTrainer(Trainer):
         with torch.enable_grad():
             losses = self.masked_losses(batch, m)  # (N,)
             if not torch.isfinite(losses).all():
-                return {"s": s, "loss": float(losses.mean()), "delta": float("nan"), "lr": 0.0, "finite": False}
+                return {"s": s, "loss": float(losses.mean()), "delta": float("nan"), "lr": 0.0, "finite": False,
+                        "dropped": 0}
             losses.mean().backward()
         lr = learning_rate(cfg.lr, step, total, cfg.lr_schedule, cfg.warmup)
         s = projected_step(s, sc.grad, lr, self.table.cost, budget, self.table.group, cfg.projection_metric)
-        return {"s": s, "loss": float(losses.detach().mean()), "delta": float("nan"), "lr": lr, "finite": True}
+        return {"s": s, "loss": float(losses.detach().mean()), "delta": float("nan"), "lr": lr, "finite": True,
+                "dropped": 0}
 
 
 class PolicyGradientGumbel(PolicyGradient):

@@ -13,7 +13,8 @@ Seeds: `seed` draws the data, its order and a random init; `sample_seed` (defaul
 Bernoulli draws alone, so Table A12's seed sweep varies the sampling with the initialisation fixed.
 Checkpoints: every `checkpoint_every` steps and when a non-finite loss stops the run (state.py), in the run directory
 (Hydra's output dir). resume=true continues from it with the same RNG state and data position, so the final mask
-equals an uninterrupted run's. nan_policy=skip (released code) skips such batches instead.
+equals an uninterrupted run's. nan_policy=skip (released code) drops the non-finite samples and skips a step none of
+whose samples is finite, without advancing the lr schedule.
 Curves go to the run's logger and to results.json (method_extras.pg) every `log_every` steps: the mean sampled loss
 and the loss of the current top-s mask on a fixed held-out probe batch (is the policy's best guess improving? one
 batch drawn after the n_segments training rows, so batch-to-batch difficulty does not hide the trend), δ, lr, mean
@@ -101,10 +102,11 @@ class PolicyGradient(PruningMethod):
                        "stages": [list(x) for x in stages], "n_segments": len(data), "seed": ctx.seed,
                        "sample_seed": self.sample_seed, "init": self.init.name, **asdict(self.cfg)}
         trainer = self.trainer_cls(ctx.model, table, self.cfg, gen)
-        start, curves, sparsity_curve, skipped = 0, [], [], 0
+        start, curves, sparsity_curve, skipped, dropped = 0, [], [], 0, 0
         if self.resume and ckpt.exists(out_dir):
-            s, sc = ckpt.load_state(out_dir, gen, fingerprint)
+            s, sc = ckpt.load_state(out_dir, gen, fingerprint, defaults=asdict(self.settings_cls()))
             start, curves, sparsity_curve, skipped = sc["step"], sc["curves"], sc["sparsity_curve"], sc["skipped"]
+            dropped = sc.get("dropped", 0)
             trainer.baseline.history = sc["baseline"]
             log.info("pg: resumed from %s at step %d/%d", out_dir, start, total)
         else:
@@ -116,7 +118,8 @@ class PolicyGradient(PruningMethod):
         def save(step):
             if out_dir:
                 ckpt.save_state(out_dir, s, gen, {"step": step, "curves": curves, "sparsity_curve": sparsity_curve,
-                                                  "skipped": skipped, "baseline": trainer.baseline.history,
+                                                  "skipped": skipped, "dropped": dropped,
+                                                  "baseline": trainer.baseline.history,
                                                   "fingerprint": fingerprint})
 
         def snapshot(step):
@@ -136,7 +139,9 @@ class PolicyGradient(PruningMethod):
                 if step == lo and lo > 0:  # a new Random-Progressive stage: shift s onto the tighter budget
                     s = on_budget(logit(s), table.cost, budget, table.group)
                 rows = order[(torch.arange(B) + step * B) % len(data)]
-                out = trainer.step(s, data[rows], budget, step, total)
+                # the lr schedule's position: steps skipped whole (nan_policy=skip) do not advance it, as released
+                out = trainer.step(s, data[rows], budget, step - skipped, total)
+                dropped += out["dropped"]
                 if not out["finite"]:
                     if self.cfg.nan_policy == "stop":
                         save(step)
@@ -145,7 +150,7 @@ class PolicyGradient(PruningMethod):
                             f"step is checkpointed in {out_dir} (resume=true continues from it; try dtype=float32, "
                             f"or pg nan_policy=skip as the released code does).")
                     skipped += 1
-                    log.warning("pg: non-finite loss at step %d skipped", step)
+                    log.warning("pg: every sample's loss non-finite at step %d; step skipped", step)
                 if step % self.log_every == 0 or step == total - 1:
                     # the top-s mask of the s this step was sampled from, on the held-out probe batch
                     top_loss = float(trainer.losses(probe, table.mask_from_plan(table.final_plan(s, r))[None])[0])
@@ -175,6 +180,7 @@ class PolicyGradient(PruningMethod):
         ctx.extras["pg"] = {
             "steps": total, "steps_this_run": total - start, "optimize_wall_s": time.perf_counter() - t0,
             "stages": [list(x) for x in stages], "init": self.init.name, "units": table.n, "skipped_nan": skipped,
+            "dropped_nan_samples": dropped,
             "settings": {**asdict(self.cfg), "granularity": self.granularity, "allocation": self.allocation,
                          "budget": self.budget_mode, "gqa_unit": self.gqa_unit, "n_segments": len(data),
                          "steps": self.steps, "sample_seed": self.sample_seed},

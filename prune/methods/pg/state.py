@@ -30,14 +30,17 @@ def exists(path: str | None) -> bool:
     return bool(path) and os.path.isfile(os.path.join(path, TENSORS)) and os.path.isfile(os.path.join(path, SCALARS))
 
 
-def load_state(path: str, gen: torch.Generator, fingerprint: dict) -> tuple[torch.Tensor, dict]:
-    """-> (s, scalars); restores gen. Raises ValueError when the checkpoint was made with other settings."""
+def load_state(path: str, gen: torch.Generator, fingerprint: dict, defaults: dict | None = None
+               ) -> tuple[torch.Tensor, dict]:
+    """-> (s, scalars); restores gen. Raises ValueError when the checkpoint was made with other settings. A setting
+    that a checkpoint lacks (added to the code after it was written) counts as its value in `defaults`, so a run
+    stopped before an upgrade resumes as long as the new settings keep their defaults."""
     tensors = load_file(os.path.join(path, TENSORS))
     with open(os.path.join(path, SCALARS)) as f:
         scalars = json.load(f)
-    if scalars.get("fingerprint") != fingerprint:
-        diff = {k: (scalars.get("fingerprint", {}).get(k), v) for k, v in fingerprint.items()
-                if scalars.get("fingerprint", {}).get(k) != v}
+    saved = {**(defaults or {}), **scalars.get("fingerprint", {})}
+    diff = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
+    if diff:
         raise ValueError(f"Cannot resume from {path}: it was made with other settings (checkpoint, now): {diff}. "
                          f"Use the original settings or a fresh run directory (resume=false).")
     gen.set_state(tensors["rng"])

@@ -28,13 +28,14 @@ class PGSettings:
     batch_size: int = 8
     n_samples: int = 2  # N_s
     window: int = 5  # T
-    eps: float = 1e-2  # clamp of s in the score function
+    eps: float = 1e-2  # clamp of s in the score function (released scale: added, 1e-7 as released)
     score_scale: str = "paper"
     reg: float = 0.0
     baseline: str = "ema"
+    delta0: str = "zero"  # EMA start: zero (paper) | first (released: the first step's mean loss)
     lr_schedule: str = "constant"
     warmup: int = 0
-    nan_policy: str = "stop"  # stop (paper) | skip (released code)
+    nan_policy: str = "stop"  # stop (paper) | skip (released: drop non-finite samples; none finite: skip the step)
     sparse_forward: bool = False
     batched: bool = False
     projection_metric: str = "euclid"
@@ -60,7 +61,7 @@ class Trainer:
     def __init__(self, model, table: UnitTable, cfg: PGSettings, gen: torch.Generator):
         self.model, self.table, self.cfg, self.gen = model, table, cfg, gen
         self.masker = Masker(table.s)
-        self.baseline = Baseline(cfg.baseline, cfg.window)
+        self.baseline = Baseline(cfg.baseline, cfg.window, cfg.delta0)
         self.device = next(model.parameters()).device
 
     def __enter__(self) -> "Trainer":
@@ -106,18 +107,24 @@ class Trainer:
         return torch.stack(out)
 
     def step(self, s: torch.Tensor, batch: torch.Tensor, budget: torch.Tensor, step: int, total: int) -> dict:
-        """One update from s (n,) float64. Returns {"s": new s, "loss", "delta", "lr", "finite"}; on a non-finite
-        loss s and the baseline are left unchanged and finite=False."""
+        """One update from s (n,) float64 at schedule position `step`. Returns {"s": new s, "loss", "delta", "lr",
+        "finite", "dropped"}. A non-finite sample loss: with nan_policy=stop, s and the baseline are left unchanged and
+        finite=False; with skip (released, pgpruning.py:442-454), the finite samples update s (`dropped` counts the
+        others), and when none is finite s, the baseline and the lr schedule stay as they are (finite=False)."""
         cfg = self.cfg
         # Our choice (neither the paper nor the released code says): masks are drawn from the same clamped s the
         # score function uses, so the estimator is the exact gradient of the clamped policy and a unit projected
-        # to s = 0 is still tried with probability eps instead of never again (an absorbing state otherwise).
+        # to s = 0 is still tried with probability eps instead of never again (sample_clamped=false: as released).
         m = sample_masks(s.clamp(cfg.eps, 1 - cfg.eps) if cfg.sample_clamped else s, cfg.n_samples, self.gen)
         losses = self.losses(batch, m)
-        if not torch.isfinite(losses).all():
-            return {"s": s, "loss": float(losses.mean()), "delta": self.baseline.value, "lr": 0.0, "finite": False}
+        ok = torch.isfinite(losses)
+        if not ok.all() and (cfg.nan_policy == "stop" or not ok.any()):
+            return {"s": s, "loss": float(losses.mean()), "delta": self.baseline.value, "lr": 0.0, "finite": False,
+                    "dropped": int((~ok).sum())}
+        m, losses = m[ok], losses[ok]
         deltas = self.baseline.deltas(losses)
-        g = score_gradient(s, m, losses, deltas, cfg.eps, cfg.score_scale, cfg.reg)
+        g = score_gradient(s, m, losses, deltas, cfg.eps, cfg.score_scale, cfg.reg, drawn=cfg.n_samples)
         lr = learning_rate(cfg.lr, step, total, cfg.lr_schedule, cfg.warmup)
         s = projected_step(s, g, lr, self.table.cost, budget, self.table.group, cfg.projection_metric)
-        return {"s": s, "loss": float(losses.mean()), "delta": float(deltas.mean()), "lr": lr, "finite": True}
+        return {"s": s, "loss": float(losses.mean()), "delta": float(deltas.mean()), "lr": lr, "finite": True,
+                "dropped": int((~ok).sum())}
