@@ -8,6 +8,13 @@ window; none), each with its own state. Prints, per baseline, Σ_i Var(g_i) over
 of the estimate), the norm of its mean ||E g|| (what the steps average towards) and the mean |advantage|. The
 first `--burn-in` steps only advance the EMA/window states (they start from 0 / empty). Overrides after `--` go
 to Hydra (method=pg is implied).
+
+Per unit kind it also prints the signal-to-noise ratio of each unit's gradient, SNR_i = mean_k g_ik / std_k g_ik
+(median |SNR| and the share above 1). Over n steps pure noise already gives a median |SNR| of 0.674/sqrt(n) (the
+`noise_floor`); `implied_snr` = sqrt(median² - floor²) is the per-step SNR left after it. What that means for a run:
+a unit's drift outgrows its own random walk after ~1/SNR² steps, and its s reaches the top-s boundary (the s of the
+last kept unit) after |s_i - s_boundary| / (lr |mean g_i|) steps (medians; |mean g_i| over n steps still carries the
+noise floor, so this is a lower bound).
 """
 from __future__ import annotations
 
@@ -72,13 +79,36 @@ def main(argv=None) -> dict:
                 acc[kind]["adv"] += float((losses - d).abs().mean())
             print(f"step {k}: losses {[round(float(x), 4) for x in losses]}", flush=True)
     n = a.steps
+    keep = table.mask_from_plan(table.final_plan(s, ratio)).bool()
+    boundary = float(s[keep].min())  # the s of the last kept unit (one budget group: method=pg)
     out = {}
     for kind in kinds:
         mean = acc[kind]["sum"] / n
         var = acc[kind]["sq"] / n - mean ** 2
         out[kind] = {"total_variance": float(var.sum() * n / (n - 1)), "mean_norm": float(mean.norm()),
-                     "mean_abs_advantage": acc[kind]["adv"] / n}
+                     "mean_abs_advantage": acc[kind]["adv"] / n,
+                     "per_kind": snr_by_kind(table, s, mean, (var * n / (n - 1)).clamp(min=0).sqrt(), boundary, pc.lr,
+                                             n)}
     print(json.dumps({"steps": n, "n_samples": pc.n_samples, "units": table.n, **out}, indent=1))
+    return out
+
+
+def snr_by_kind(table, s, mean, std, boundary: float, lr: float, n: int) -> dict:
+    """Per unit kind: median |SNR| against the noise floor of n steps, share of units with |SNR| > 1, and the step
+    counts they imply (module docstring)."""
+    import math
+
+    out = {}
+    floor = 0.674 / math.sqrt(n)
+    for k, idx in table.kind_index.items():
+        snr = (mean[idx] / std[idx].clamp(min=1e-30)).abs()
+        implied = math.sqrt(max(float(snr.median()) ** 2 - floor ** 2, 0.0))
+        to_boundary = (s[idx] - boundary).abs() / (lr * mean[idx].abs()).clamp(min=1e-30)
+        out[k] = {"units": len(idx), "median_abs_snr": float(snr.median()), "noise_floor": floor,
+                  "implied_snr": implied, "share_snr_above_1": float((snr > 1).double().mean()),
+                  "steps_drift_beats_noise": 1 / implied ** 2 if implied else float("inf"),
+                  "median_steps_to_boundary": float(to_boundary.median()),
+                  "median_abs_mean_grad": float(mean[idx].abs().median()), "median_std_grad": float(std[idx].median())}
     return out
 
 

@@ -618,3 +618,23 @@ def test_snapshot_drift_statistics(data_root):
     total = sum(k * float(table.cost[table.slices[i][0].start:table.slices[i][1].stop].sum())
                 for k, i in zip(kept, table.layers))
     assert total == pytest.approx(float(table.cost @ table.mask_from_plan(plan).double()))
+
+
+def test_gradient_snr_against_its_noise_floor(data_root):
+    """sweeps/pg_variance.snr_by_kind: a gradient at the noise floor of n steps implies no signal (and no finite
+    step count); a clear signal keeps its SNR after the floor is taken out."""
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "sweeps"))
+    from pg_variance import snr_by_kind
+
+    ctx = make_ctx(data_root)
+    table = UnitTable(ctx.structure, ctx.prunable)
+    s = RandomInit().init(ctx, table, 0.3)
+    std = torch.ones(table.n, dtype=torch.float64)
+    n = 40
+    noise = snr_by_kind(table, s, torch.full_like(std, 0.674 / math.sqrt(n)), std, 0.5, 0.01, n)
+    assert all(v["implied_snr"] == pytest.approx(0, abs=1e-6) for v in noise.values())
+    signal = snr_by_kind(table, s, torch.full_like(std, 0.5), std, 0.5, 0.01, n)
+    for v in signal.values():
+        assert v["implied_snr"] == pytest.approx(math.sqrt(0.25 - 0.674 ** 2 / n))
+        assert v["steps_drift_beats_noise"] == pytest.approx(1 / v["implied_snr"] ** 2)
