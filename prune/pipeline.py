@@ -1,4 +1,4 @@
-"""The run: validate -> load -> prune (score or optimise a plan) -> slice -> recover -> evaluate -> save.
+"""The run: validate -> load -> prune (score or optimise a plan) -> reconstruct -> slice -> recover -> evaluate -> save.
 
 results.json is rewritten after each stage, so a run that dies later keeps what it computed.
 """
@@ -57,6 +57,9 @@ def run(cfg: DictConfig, out_dir: str) -> dict:
                      f"{ctx.first}-{s.num_layers - 1 - ctx.last} of {s.num_layers}"):
         plan = method.plan(ctx)
     plan.save(os.path.join(out_dir, "kept_units.json"))
+    if cfg.reconstruct.name != "none":
+        with meter.stage("reconstruct", f"{cfg.reconstruct.name}: refitting what the plan keeps"):
+            results["reconstruct"] = hydra.utils.instantiate(cfg.reconstruct).apply(ctx, plan)
     with meter.stage("slice", "removing the pruned units from the weights"):
         apply_plan(model, s, plan)
     after = num_params(model)  # real parameters, also for methods that transform the model (manifest "transform")

@@ -9,7 +9,8 @@ from llmsp.prune.checkpoint import load_pruned, save_pruned
 from llmsp.prune.memory import StageMeter
 from llmsp.prune.methods.base import PruneContext
 from llmsp.prune.methods.bonsai import Bonsai, candidate_pools, drop_probabilities, lasso, sample_masks
-from llmsp.prune.methods.flap import FLAP, RunningStats
+from llmsp.prune.methods.flap import FLAP
+from llmsp.prune.reconstruct import RunningStats
 from llmsp.prune.methods.slicegpt import slice_model, sliced_dim
 from llmsp.prune.plan import KeepPlan
 from llmsp.prune.slicing import apply_plan

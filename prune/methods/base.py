@@ -47,6 +47,7 @@ class PruningMethod:
     """Base class. `granularity` is "width" (heads/channels) or "depth" (whole layers)."""
 
     granularity = "width"
+    rewrites_model = False  # True: the method transforms the weights itself (SliceGPT); no reconstruct stage after it
 
     def __init__(self, name: str, heads: bool = True, channels: bool = True):
         self.name = name

@@ -7,9 +7,11 @@ Pruning for Large Language Models", AAAI 2024).
 3. AL-AM structure: each layer's metric is z-scored over its channels (attention: over the H*hd o_proj
    input channels, before the per-head mean; a head scores the mean of its standardised channels);
    heads and channels of all layers then share one global threshold.
-4. Bias compensation: W[:, pruned] . mean(X[pruned]) becomes an output bias of the projection, so the
-   expected output is unchanged. LLaMA's projections have no bias: one is added and listed in the
-   checkpoint manifest (`biases_added`) so load_pruned can rebuild it.
+4. Bias compensation (prune/reconstruct.py `compensate`, also `reconstruct=bias` for any method's plan):
+   W[:, pruned] . mean(X[pruned]) becomes an output bias of the projection, so the expected output is unchanged.
+   LLaMA's projections have no bias: one is added and listed in the checkpoint manifest (`biases_added`) so
+   load_pruned can rebuild it. `compensate=false reconstruct=bias` is the same as the default, with the statistics
+   taken on the run's calibration set instead of FLAP's own.
 
 Our choices where the anchor differs:
 - the anchor counts a head as 512/3 channels (LLaMA-7B's params per head / params per channel) and
@@ -23,53 +25,13 @@ Our choices where the anchor differs:
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from llmsp.prune.allocation import remove_in_order
 from llmsp.prune.calibration import run_batches
 from llmsp.prune.methods.base import PruneContext, PruningMethod
 from llmsp.prune.plan import KeepPlan
+from llmsp.prune.reconstruct import RunningStats, compensate, output_projections
 from llmsp.prune.structure import ModelStructure
-
-
-class RunningStats:
-    """Per-input-feature count, mean and sum of squared deviations of watched Linears' inputs (float64)."""
-
-    def __init__(self, modules: dict[str, nn.Linear]):
-        self.modules = modules
-        self.n = {k: 0 for k in modules}
-        self._mean: dict[str, torch.Tensor] = {}
-        self._m2: dict[str, torch.Tensor] = {}
-        self._handles = []
-
-    def update(self, name: str, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).double()  # (N, in)
-        nb, mb = x.shape[0], x.mean(0)
-        m2b = (x - mb).pow(2).sum(0)
-        if name not in self._mean:
-            self.n[name], self._mean[name], self._m2[name] = nb, mb, m2b
-            return
-        n = self.n[name]
-        delta = mb - self._mean[name]
-        self._mean[name] = self._mean[name] + delta * nb / (n + nb)
-        self._m2[name] = self._m2[name] + m2b + delta.pow(2) * n * nb / (n + nb)
-        self.n[name] = n + nb
-
-    def mean(self, name: str) -> torch.Tensor:
-        return self._mean[name]
-
-    def var(self, name: str) -> torch.Tensor:
-        """Unbiased sample variance: FLAP's fluctuation."""
-        return self._m2[name] / max(self.n[name] - 1, 1)
-
-    def __enter__(self) -> "RunningStats":
-        self._handles = [m.register_forward_pre_hook(lambda mod, args, k=k: self.update(k, args[0]))
-                         for k, m in self.modules.items()]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
 
 
 def standardize(x: torch.Tensor) -> torch.Tensor:
@@ -84,12 +46,9 @@ class FLAP(PruningMethod):
         self.compensate, self.square_attn = compensate, square_attn
         self.dataset, self.n_samples, self.seq_len = dataset, n_samples, seq_len
 
-    def _watched(self, s: ModelStructure, layers: list[int]) -> dict:
-        return {f"{i}:{p}": s.layers[i].linear(p) for i in layers for p in (s.spec.o, s.spec.mlp_out)}
-
     def statistics(self, ctx: PruneContext) -> RunningStats:
         batch = ctx.calib(dataset=self.dataset, n_samples=self.n_samples, seq_len=self.seq_len)  # (N, T)
-        with RunningStats(self._watched(ctx.structure, ctx.prunable)) as stats:
+        with RunningStats(output_projections(ctx.structure, ctx.prunable)) as stats:
             run_batches(ctx.model, batch, ctx.calibration["batch_size"], desc="flap calibration")
         return stats
 
@@ -121,25 +80,3 @@ class FLAP(PruningMethod):
         if self.compensate:
             ctx.manifest["biases_added"] = compensate(s, plan, stats)
         return plan
-
-
-@torch.no_grad()
-def compensate(s: ModelStructure, plan: KeepPlan, stats: RunningStats) -> list[str]:
-    """Add W[:, pruned] . mean(X[pruned]) to each output projection's bias (before slicing). Returns the
-    model paths of the Linears that had no bias and got one."""
-    added = []
-    for i, info in enumerate(s.layers):
-        for path, kind, kept, n in ((s.spec.o, "o", plan.heads[i], info.n_heads),
-                                    (s.spec.mlp_out, "ch_out", plan.channels[i], info.n_channels)):
-            pruned = sorted(set(range(n)) - set(kept))
-            if not pruned or f"{i}:{path}" not in stats.n:
-                continue
-            lin = info.linear(path)
-            idx = info.unit_index(kind, pruned).to(lin.weight.device)
-            mean = stats.mean(f"{i}:{path}").to(lin.weight.device)[idx]  # (n_pruned_cols,)
-            b = lin.weight.double()[:, idx] @ mean  # (out,)
-            if lin.bias is None:
-                lin.bias = nn.Parameter(torch.zeros_like(b, dtype=lin.weight.dtype), requires_grad=False)
-                added.append(f"{s.spec.layers}.{i}.{path}")
-            lin.bias.data += b.to(lin.bias.dtype)
-    return added

@@ -1,0 +1,142 @@
+"""Weight reconstruction after the plan (issue 26): the ridge refit against an independent least-squares solve, the
+stage on every tiny architecture with uniform, global and head-less / channel-less plans, FLAP's bias shared with
+reconstruct=bias, and the result as an ordinary sliced model (masked == sliced, save/load). Tiny models only."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY, tiny_model
+from llmsp.prune.allocation import select
+from llmsp.prune.checkpoint import load_pruned, save_pruned
+from llmsp.prune.data import calibration_batch
+from llmsp.prune.masks import Masker
+from llmsp.prune.memory import StageMeter
+from llmsp.prune.methods.base import PruneContext
+from llmsp.prune.methods.flap import FLAP
+from llmsp.prune.plan import KeepPlan
+from llmsp.prune.reconstruct import Reconstruction, ridge_refit
+from llmsp.prune.slicing import apply_plan
+
+CALIB = {"dataset": "c4", "n_samples": 32, "seq_len": 32, "batch_size": 8}
+
+
+def ctx_for(name, data_root, ratio=0.3, allocation="uniform"):
+    model, tok, s = tiny_model(name)
+    return PruneContext(model, tok, s, ratio, 0, 0, allocation, dict(CALIB), data_root, 0, StageMeter("cpu"))
+
+
+def test_ridge_refit_matches_lstsq_and_keeps_full_weights():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    gram = x.T @ x
+    kept = torch.tensor([0, 2, 3, 7, 8, 11])
+    new, err = ridge_refit(w, gram, kept, damping=0.0)
+    ref = torch.linalg.lstsq(x[:, kept], x @ w.T).solution.T  # min ||X W^T - X_k V^T||, independent of the Gram
+    torch.testing.assert_close(new, ref, atol=1e-8, rtol=1e-8)
+    resid = lambda v: float(((x @ w.T - x[:, kept] @ v.T) ** 2).sum() / ((x @ w.T) ** 2).sum())  # noqa: E731
+    assert err["error_before"] == pytest.approx(resid(w[:, kept]), rel=1e-8)
+    assert err["error_after"] == pytest.approx(resid(new), rel=1e-8) and err["error_after"] < err["error_before"]
+    full, err = ridge_refit(w, gram, torch.arange(12), damping=0.0)  # every column kept: the dense weights
+    torch.testing.assert_close(full, w, atol=1e-9, rtol=0)
+    assert abs(err["error_before"]) < 1e-12 and abs(err["error_after"]) < 1e-12
+
+
+def heldout_error(model, s, plan, dense_logits, ids):
+    with torch.no_grad(), Masker(s, plan):
+        return float(((model(input_ids=ids).logits - dense_logits) ** 2).mean())
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_lsq_refit_lowers_error_on_heldout_rows_and_slices(name, allocation, data_root):
+    ctx = ctx_for(name, data_root, allocation=allocation)
+    s = ctx.structure
+    g = torch.Generator().manual_seed(0)  # random scores: heads and channels both pruned under either allocation
+    scores = {"heads": [torch.rand(x.n_heads, generator=g) for x in s.layers],
+              "channels": [torch.rand(x.n_channels, generator=g) for x in s.layers]}
+    plan = select(s, scores, 0.3, 0, 0, allocation)
+    assert any(len(h) < x.n_heads for h, x in zip(plan.heads, s.layers))
+    ids = calibration_batch(ctx.tokenizer, "c4", 8, 32, seed=1234, root=data_root)  # held out: another seed's rows
+    with torch.no_grad():
+        dense = ctx.model(input_ids=ids).logits
+    before = heldout_error(ctx.model, s, plan, dense, ids)
+    rec = Reconstruction("lsq").apply(ctx, plan)
+    after = heldout_error(ctx.model, s, plan, dense, ids)
+    assert after < before
+    errs = [e for layer in rec["layers"].values() for e in layer.values()]
+    assert errs and all(e["error_after"] <= e["error_before"] + 1e-9 for e in errs)
+    with torch.no_grad(), Masker(s, plan):
+        masked = ctx.model(input_ids=ids).logits
+    apply_plan(ctx.model, s, plan)  # an ordinary plan: slicing keeps exactly the refitted columns
+    with torch.no_grad():
+        torch.testing.assert_close(ctx.model(input_ids=ids).logits, masked, atol=1e-4, rtol=1e-4)
+
+
+def test_lsq_with_layers_that_lose_every_head_or_channel(data_root, tmp_path):
+    ctx = ctx_for("tiny_llama_gqa", data_root)
+    s = ctx.structure
+    base = ctx.model.config.to_dict()
+    plan = KeepPlan.full(s)
+    plan.heads[1] = []  # layer 1: no attention left
+    plan.channels[2] = []  # layer 2: no MLP left
+    plan.heads[3] = plan.heads[3][:2]
+    plan.channels[3] = plan.channels[3][::2]
+    rec = Reconstruction("lsq").apply(ctx, plan)
+    assert set(rec["layers"][1]) == {s.spec.mlp_out} or not rec["layers"][1]  # nothing to refit where all went
+    assert s.spec.o not in rec["layers"][1] and s.spec.mlp_out not in rec["layers"][2]
+    assert set(rec["layers"][3]) == {s.spec.o, s.spec.mlp_out}
+    ids = torch.randint(0, 259, (2, 16))
+    apply_plan(ctx.model, s, plan)
+    with torch.no_grad():
+        before = ctx.model(input_ids=ids).logits
+    save_pruned(ctx.model, ctx.tokenizer, plan, base, str(tmp_path))
+    loaded, _, _ = load_pruned(str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, before)
+
+
+def test_full_plan_leaves_the_weights_as_they_are(data_root):
+    ctx = ctx_for("tiny_llama", data_root)
+    weights = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+    rec = Reconstruction("lsq").apply(ctx, KeepPlan.full(ctx.structure))
+    assert all(not r for r in rec["layers"].values())
+    assert all(torch.equal(v, ctx.model.state_dict()[k]) for k, v in weights.items())
+
+
+def test_bias_mode_is_flaps_compensation(data_root):
+    """FLAP with its compensation == FLAP's plan without it + reconstruct=bias, on the same calibration rows."""
+    a, b = ctx_for("tiny_llama_gqa", data_root), ctx_for("tiny_llama_gqa", data_root)
+    own = dict(dataset="c4", n_samples=CALIB["n_samples"], seq_len=CALIB["seq_len"])
+    plan_a = FLAP("flap", **own).plan(a)
+    plan_b = FLAP("flap", compensate=False, **own).plan(b)
+    assert plan_a.to_dict() == plan_b.to_dict()
+    rec = Reconstruction("bias").apply(b, plan_b)
+    assert sorted(rec["biases_added"]) == sorted(a.manifest["biases_added"]) == b.manifest["biases_added"]
+    for i, info in enumerate(a.structure.layers):
+        for path in (a.structure.spec.o, a.structure.spec.mlp_out):
+            ba, bb = info.linear(path).bias, b.structure.layers[i].linear(path).bias
+            assert (ba is None) == (bb is None)
+            if ba is not None:
+                torch.testing.assert_close(ba, bb)
+
+
+def test_bad_reconstruct_settings_fail_early():
+    with pytest.raises(ValueError, match="choose none, bias"):
+        Reconstruction("ols")
+    with pytest.raises(ValueError, match="damping"):
+        Reconstruction("lsq", damping=-1.0)
+
+
+def test_run_py_with_reconstruct_lsq_records_the_stage(tmp_path):
+    from test_config_and_run import TINY_RUN, run_py
+
+    run_py(tmp_path, *TINY_RUN, "method=wanda_sp", "ratio=0.3", "reconstruct=lsq")
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["reconstruct"]["mode"] == "lsq" and r["reconstruct"]["layers"]
+    assert "reconstruct" in r["time_s"] and "reconstruct" in r["peak_memory_bytes"]
+    bad = run_py(tmp_path / "bad", *TINY_RUN, "method=slicegpt", "ratio=0.3", "reconstruct=lsq", check=False)
+    assert bad.returncode == 2 and "rewrites the model itself" in bad.stderr + bad.stdout
