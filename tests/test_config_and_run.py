@@ -16,7 +16,8 @@ from llmsp.evaluate.ppl import perplexity
 from llmsp.prune.data import calibration_batch, load_rows
 
 CONF = os.path.join(ROOT, "conf")
-GROUPS = [g for g in ("model", "method", "calibration", "layer_range", "evaluate", "recover", "logger", "init")
+GROUPS = [g for g in ("model", "method", "calibration", "layer_range", "evaluate", "reconstruct", "recover", "logger",
+                      "init")
           if os.path.isdir(os.path.join(CONF, g))]
 
 
