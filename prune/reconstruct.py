@@ -100,20 +100,28 @@ def compensate(s: ModelStructure, plan: KeepPlan, stats: RunningStats) -> list[s
     return added
 
 
-def ridge_refit(w: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float) -> tuple[torch.Tensor, dict]:
+def ridge_refit(w: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float,
+                block: int = 1024) -> tuple[torch.Tensor, dict]:
     """w (out, in), gram (in, in) = Σ x xᵀ over the calibration rows, kept (k,) column indices ->
-    (W_k' (out, k) in w's dtype, {"error_before", "error_after"}) with the errors relative to ||W X||²."""
-    g, wd = gram.double(), w.double()
-    gkk = g[kept][:, kept]
+    (W_k' (out, k) in w's dtype, {"error_before", "error_after"}) with the errors relative to ||W X||².
+    The solve is in float64 on the kept block only (G[k, k] with the ridge added to its diagonal in place, and
+    G[k, :] Wᵀ formed from the fp32 Gram), so beside the fp32 Gram it holds about two k x k and two k x out float64
+    matrices: for LLaMA-7B's down_proj at 70% kept, 0.48 GB of Gram plus ~1.5 GB of solve, one matrix at a time."""
+    gkk = gram[kept][:, kept].double()  # (k, k)
     lam = damping * float(gkk.diagonal().mean().clamp(min=1e-12))
-    rhs = g[kept] @ wd.T  # (k, out) = G[k, :] Wᵀ
-    new = torch.linalg.solve(gkk + lam * torch.eye(len(kept), dtype=torch.float64, device=g.device), rhs).T  # (out, k)
-    total = float((wd @ g * wd).sum())  # tr(W G Wᵀ) = ||W X||²
+    rhs = (gram[kept] @ w.to(gram.dtype).T).double()  # (k, out) = G[k, :] Wᵀ
+    total = 0.0  # tr(W G Wᵀ) = ||W X||², by column blocks of G in float64
+    for a in range(0, gram.shape[1], block):
+        total += float((w.double() @ gram[:, a:a + block].double() * w[:, a:a + block].double()).sum())
 
-    def error(v: torch.Tensor) -> float:
+    def error(v: torch.Tensor) -> float:  # ||W X - V X_k||² / ||W X||², v (out, k) float64
         return (total - 2 * float((v * rhs.T).sum()) + float((v @ gkk * v).sum())) / max(total, 1e-30)
 
-    return new.to(w.dtype), {"error_before": error(wd[:, kept]), "error_after": error(new)}
+    before = error(w.double()[:, kept])
+    gkk.diagonal().add_(lam)
+    new = torch.linalg.solve(gkk, rhs).T  # (out, k)
+    gkk.diagonal().sub_(lam)
+    return new.to(w.dtype), {"error_before": before, "error_after": error(new)}
 
 
 class _Stop(Exception):
