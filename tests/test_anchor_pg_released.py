@@ -10,6 +10,7 @@ where the release removes 30.00% of each kind's units: at step 0 we drop 4 of th
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 
@@ -21,7 +22,7 @@ from hydra.utils import instantiate
 
 import llmsp.prune.methods.base as base
 from conftest import ROOT, model_cfg
-from llmsp.prune.allocation import model_ratio
+from llmsp.prune.allocation import max_removable, model_ratio
 from llmsp.prune.memory import StageMeter
 from llmsp.prune.methods.base import PruneContext
 from llmsp.prune.methods.pg.policy import Baseline, learning_rate, score_gradient
@@ -64,20 +65,27 @@ def released():
     return ctx, method, method.table(ctx)
 
 
-def test_init_scores_sigmap_and_step0_mask_match_the_release(released, monkeypatch):
-    ctx, method, table = released
+def test_init_scores_and_sigmap_match_the_release(released, monkeypatch):
+    """The init on the release's 128 x 1024 tokens, streamed through layers 0-9 (each calibrated on the outputs of
+    the earlier ones through the release's local init mask; a third of the model keeps the test to minutes), at the
+    same per-layer rate as the whole model's. All 30 layers were checked the same way once (prune/methods/pg/README)."""
+    ctx, method, _ = released
+    n = 10
+    full = max_removable(ctx.structure, list(range(ctx.structure.num_layers)))
+    ctx = dataclasses.replace(ctx, ratio=ctx.ratio * max_removable(ctx.structure, list(range(n))) / full,
+                              last=ctx.structure.num_layers - n)
+    table = method.table(ctx)
     tok = load("calib_tokens.json")
     ids = torch.from_numpy(np.frombuffer(base64.b64decode(tok["ids_b64"]), "<u2").astype(np.int64).reshape(128, 1024))
     asked = []
-    monkeypatch.setattr(base, "calibration_batch", lambda tokenizer, name, n, T, *a, **k: asked.append((n, T)) or ids)
+    monkeypatch.setattr(base, "calibration_batch", lambda tokenizer, name, k, T, *a, **kw: asked.append((k, T)) or ids)
     scores = {}
     score_fn = method.init.method.scores
     method.init.method.scores = lambda c: scores.setdefault("raw", score_fn(c))
     s0 = method.init.init(ctx, table, ctx.ratio)
     assert asked == [(128, 1024)]  # the init calibrates on 128 x 1024 tokens, as released
-    anchor = load("step0.json")["layers"]
     ratios = {"g": [], "c": []}
-    for i, a in enumerate(anchor):
+    for i, a in enumerate(load("step0.json")["layers"][:n]):
         gs = ctx.structure.layers[i].group_size
         ratios["g"].append(scores["raw"]["heads"][i].double().view(-1, gs).sum(1) / torch.tensor(a["attn_metric"]))
         ratios["c"].append(scores["raw"]["channels"][i].double() / f32(a["mlp_metric_f32_b64"]))
@@ -85,12 +93,20 @@ def test_init_scores_sigmap_and_step0_mask_match_the_release(released, monkeypat
         torch.testing.assert_close(s0[ga], torch.tensor(a["attn_s0"], dtype=torch.float64), atol=2e-4, rtol=0)
         rel = f32(a["mlp_s0_f32_b64"])
         torch.testing.assert_close(s0[gc], rel, atol=2e-4, rtol=0)
-        assert int((rel == 1).sum()) == int(a["mlp_s0_clamped_to_1"])
         # sigmap's clamp at 1, up to float32 rounding of the release's sum: the same units sit at (or next to) 1
         assert bool((s0[gc][rel == 1] > 1 - 2e-4).all()) and bool((rel[s0[gc] == 1] > 1 - 2e-4).all())
     for kind, r in ratios.items():  # our scores are the release's times one constant per kind (sum vs mean)
         r = torch.cat(r)
-        assert float(r.std() / r.mean()) < 1e-4, kind
+        assert float(r.std() / r.mean()) < 1e-5, kind
+
+
+def test_step0_global_mask_from_the_release_s0(released):
+    """Our top-s plan of the release's s0 is its step-0 global mask: the same 63 KV groups, and its kept channels
+    but for the 4 that the norm weights in ratio_of=layers add to the budget (module docstring)."""
+    ctx, _, table = released
+    anchor = load("step0.json")["layers"]
+    s0 = torch.cat([torch.cat([torch.tensor(a["attn_s0"], dtype=torch.float64), f32(a["mlp_s0_f32_b64"])])
+                    for a in anchor])
     plan = table.final_plan(s0, ctx.ratio)
     mlp_extra = 0
     for i, a in enumerate(anchor):
@@ -98,7 +114,7 @@ def test_init_scores_sigmap_and_step0_mask_match_the_release(released, monkeypat
         assert sorted({h // gs for h in plan.heads[i]}) == a["attn_kept_units"], f"layer {i}"
         assert set(plan.channels[i]) <= set(a["mlp_kept_channels"]), f"layer {i}"
         mlp_extra += len(a["mlp_kept_channels"]) - len(plan.channels[i])
-    assert mlp_extra == 4  # the norm weights in ratio_of=layers (module docstring)
+    assert mlp_extra == 4
 
 
 def test_first_three_pg_steps_match_the_release(released):
