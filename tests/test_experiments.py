@@ -357,7 +357,7 @@ def test_aggregate_optional_column_is_blank_not_missing(tmp_path):
     while a run with no results.json is still '–' in every column."""
     exp = agg.load_experiment("pg_table1")
     points = agg.expected_points("pg_table1", exp, "cpu")
-    pg = next(i for i, p in enumerate(points) if "method=pg" in p.overrides)
+    pg = next(i for i, p in enumerate(points) if "method=pg_cpu" in p.overrides)
     absent = next(i for i, p in enumerate(points) if "method=bonsai" in p.overrides)
 
     def metrics(i, p):
