@@ -72,6 +72,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("run_dir")
     ap.add_argument("--max-windows", type=int, default=None, help="default: the run's evaluate.ppl.max_windows")
     ap.add_argument("--no-ppl", action="store_true", help="only the drift statistics (no forward passes)")
+    ap.add_argument("--steps", type=int, nargs="*", default=None,
+                    help="measure PPL at these snapshot steps only (drift: all of them); default every snapshot")
     args = ap.parse_args(argv)
 
     from omegaconf import OmegaConf
@@ -112,7 +114,7 @@ def main(argv=None) -> list[dict]:
     for step, sv in snaps.items():
         plan = table.final_plan(sv, ratio)
         ppl = {}
-        if not args.no_ppl:
+        if not args.no_ppl and (args.steps is None or step in args.steps):
             with Masker(s, plan):
                 ppl = {d: math.exp(window_nll(model, w, ev.batch_size, desc=f"step {step} {d}").mean().item())
                        for d, w in windows.items()}
