@@ -10,7 +10,7 @@ tests/test_foundation.py) and measures WikiText-2 / PTB PPL on the same windows 
 the init's own top-s mask. Beside the PPL, each row says how far s has moved (`drift`): the mean |s - s_0| over the
 units, Spearman's rank correlation of s with the init's, the units whose top-s membership changed since the previous
 snapshot (and per 1000 steps: how fast the plan itself moves), and the kept fraction of each layer's prunable
-parameters under the top-s plan next to a uniform plan's (what Wanda-sp's default allocation keeps per layer).
+parameters under the top-s plan (unit costs of the policy; from a rank init, step 0 is the source method's plan).
 `--no-ppl` skips the forwards. Prints one JSON line per snapshot and writes <run dir>/snapshots.json.
 """
 from __future__ import annotations
@@ -79,9 +79,7 @@ def main(argv=None) -> list[dict]:
     from omegaconf import OmegaConf
 
     from llmsp.evaluate.ppl import eval_windows, window_nll
-    import torch
-
-    from llmsp.prune.allocation import model_ratio, select
+    from llmsp.prune.allocation import model_ratio
     from llmsp.prune.data import eval_tokens
     from llmsp.prune.masks import Masker
     from llmsp.prune.methods.pg import state as ckpt
@@ -108,8 +106,6 @@ def main(argv=None) -> list[dict]:
     snaps = {int(re.search(r"step(\d+)", p).group(1)): None for p in paths}
     snaps = {k: ckpt.load_snapshot(args.run_dir, k) for k in snaps}
     stats = drift(table, snaps, ratio) if 0 in snaps else {}
-    ones = {"heads": [torch.ones(x.n_heads) for x in s.layers], "channels": [torch.ones(x.n_channels) for x in s.layers]}
-    uniform = layer_kept(table, select(s, ones, ratio, cfg.layer_range.first, cfg.layer_range.last, "uniform"))
     rows = []
     for step, sv in snaps.items():
         plan = table.final_plan(sv, ratio)
@@ -120,7 +116,7 @@ def main(argv=None) -> list[dict]:
                        for d, w in windows.items()}
         row = {"step": step, "achieved_ratio": plan.achieved_ratio(s), "ppl": ppl,
                "windows": {d: len(w) for d, w in windows.items()}, "kind_means": table.kind_means(sv),
-               "drift": stats.get(step, {}), "uniform_layer_kept": [round(x, 4) for x in uniform]}
+               "drift": stats.get(step, {})}
         rows.append(row)
         print(json.dumps(row), flush=True)
     write_json(os.path.join(args.run_dir, "snapshots.json"), rows)
