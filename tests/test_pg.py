@@ -638,3 +638,18 @@ def test_gradient_snr_against_its_noise_floor(data_root):
     for v in signal.values():
         assert v["implied_snr"] == pytest.approx(math.sqrt(0.25 - 0.674 ** 2 / n))
         assert v["steps_drift_beats_noise"] == pytest.approx(1 / v["implied_snr"] ** 2)
+
+
+def test_curve_plot_of_a_run(tmp_path):
+    """sweeps/pg_curves.py draws a run's C4 curves and its snapshots' PPL into a PNG."""
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "sweeps"))
+    from pg_curves import main as plot_curves
+
+    curves = [{"step": k, "loss": 6.0 - k / 100, "top_s_loss": 5.0 - k / 200} for k in range(0, 30, 10)]
+    (tmp_path / "pg_state.json").write_text(__import__("json").dumps({"curves": curves}))
+    (tmp_path / "snapshots.json").write_text(__import__("json").dumps(
+        [{"step": 0, "ppl": {"wikitext2": 300.0}}, {"step": 20, "ppl": {"wikitext2": 250.0}}, {"step": 10, "ppl": {}}]))
+    out = plot_curves([str(tmp_path)])
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
