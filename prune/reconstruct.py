@@ -110,14 +110,15 @@ def ridge_refit(w: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping
     gkk = gram[kept][:, kept].double()  # (k, k)
     lam = damping * float(gkk.diagonal().mean().clamp(min=1e-12))
     rhs = (gram[kept] @ w.to(gram.dtype).T).double()  # (k, out) = G[k, :] Wᵀ
+    wd = w.double()
     total = 0.0  # tr(W G Wᵀ) = ||W X||², by column blocks of G in float64
     for a in range(0, gram.shape[1], block):
-        total += float((w.double() @ gram[:, a:a + block].double() * w[:, a:a + block].double()).sum())
+        total += float((wd @ gram[:, a:a + block].double() * wd[:, a:a + block]).sum())
 
     def error(v: torch.Tensor) -> float:  # ||W X - V X_k||² / ||W X||², v (out, k) float64
         return (total - 2 * float((v * rhs.T).sum()) + float((v @ gkk * v).sum())) / max(total, 1e-30)
 
-    before = error(w.double()[:, kept])
+    before = error(wd[:, kept])
     gkk.diagonal().add_(lam)
     new = torch.linalg.solve(gkk, rhs).T  # (out, k)
     gkk.diagonal().sub_(lam)
@@ -129,18 +130,16 @@ class _Stop(Exception):
 
 
 class GramOf:
-    """Σ x xᵀ (fp32) of one Linear's input over the calls it sees; with stop=True the forward ends there."""
+    """Σ x xᵀ (fp32) of one Linear's input over the calls it sees; each call then ends the forward (_Stop)."""
 
-    def __init__(self, lin: nn.Linear, stop: bool = True):
-        self.lin, self.stop, self.gram, self.rows = lin, stop, None, 0
+    def __init__(self, lin: nn.Linear):
+        self.lin, self.gram = lin, None
 
     def __enter__(self) -> "GramOf":
         def hook(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (rows, in)
             self.gram = x.T @ x if self.gram is None else self.gram + x.T @ x
-            self.rows += x.shape[0]
-            if self.stop:
-                raise _Stop
+            raise _Stop
         self._handle = self.lin.register_forward_pre_hook(hook)
         return self
 
@@ -174,9 +173,10 @@ class Reconstruction:
 
     def apply(self, ctx, plan: KeepPlan) -> dict:
         t0 = time.perf_counter()
+        out = {}  # none: the weights stay as they are
         if self.name == "bias":
             out = self._bias(ctx, plan)
-        else:
+        elif self.name == "lsq":
             out = {"layers": self._lsq(ctx, plan)}
         return {"mode": self.name, "damping": self.damping, "seconds": time.perf_counter() - t0, **out}
 
@@ -198,21 +198,21 @@ class Reconstruction:
             for i in tqdm(range(first, max(ctx.prunable) + 1), desc="lsq reconstruction", leave=False):
                 info, layer = s.layers[i], s.layers[i].module
                 if i not in plan.removed_layers:
-                    rec = {}
-                    for kind, path, units, n, mask in (("o", s.spec.o, plan.heads[i], info.n_heads, masker.heads),
-                                                       ("ch_out", s.spec.mlp_out, plan.channels[i], info.n_channels,
-                                                        masker.channels)):
-                        if not units or len(units) == n:
-                            continue  # nothing pruned, or nothing left to refit
-                        lin = info.linear(path)
-                        kept_mask = mask[i]
-                        mask[i] = torch.ones(n)  # observe the pruned units' activations too
-                        gram = _observe(layer, inputs, lin)
-                        mask[i] = kept_mask
-                        kept = info.unit_index(kind, units).to(gram.device)
-                        new, err = ridge_refit(lin.weight.data, gram, kept, self.damping)
-                        lin.weight.data[:, kept.to(lin.weight.device)] = new.to(lin.weight.device)
-                        rec[path] = err
-                    records[i] = rec
+                    records[i] = {}
+                    for kind, path, units, mask in (("o", s.spec.o, plan.heads[i], masker.heads),
+                                                    ("ch_out", s.spec.mlp_out, plan.channels[i], masker.channels)):
+                        if 0 < len(units) < len(mask[i]):  # something pruned and something left to refit
+                            records[i][path] = self._refit(layer, inputs, info.linear(path),
+                                                           info.unit_index(kind, units), mask, i)
                 inputs = run_layer(layer, inputs)  # the next layer's input, from this layer as pruned and refitted
         return records
+
+    def _refit(self, layer: nn.Module, inputs: list, lin: nn.Linear, kept: torch.Tensor, mask: list, i: int) -> dict:
+        """Refit `lin`'s kept input columns on layer i's inputs; the pruned units' activations are observed by
+        unmasking them (mask[i]) for the Gram pass only."""
+        kept_mask, mask[i] = mask[i], torch.ones_like(mask[i])
+        gram = _observe(layer, inputs, lin)
+        mask[i] = kept_mask
+        new, err = ridge_refit(lin.weight.data, gram, kept.to(gram.device), self.damping)
+        lin.weight.data[:, kept.to(lin.weight.device)] = new.to(lin.weight.device)
+        return err
