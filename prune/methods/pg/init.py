@@ -118,11 +118,10 @@ class MetricInit(RandomInit):
     def init(self, ctx, table: UnitTable, ratio: float) -> torch.Tensor:
         if self.seq_len:
             ctx = dataclasses.replace(ctx, calibration={**ctx.calibration, "seq_len": self.seq_len})
-        x = self.logits(ctx, table, ratio)
         if self.shift == "logit":
-            return on_budget(x, table.cost, table.budget(ratio), table.group)
+            return super().init(ctx, table, ratio)
         keep = table.budget(ratio) / table.group_cost  # (G,) kept fraction of each budget group
-        s = torch.sigmoid(x)
+        s = torch.sigmoid(self.logits(ctx, table, ratio))
         for idx in self._norm_groups(table):
             s[idx] = (s[idx] + keep[table.group[idx]] - s[idx].mean()).clamp(0, 1)
         return s
