@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmsp.prune.export.modeling_pruned import EmptyAttention
+from llmsp.prune.modeling_pruned import EmptyAttention
 from llmsp.prune.plan import KeepPlan
 from llmsp.prune.structure import LayerInfo, ModelStructure, get_module
 

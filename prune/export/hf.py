@@ -26,7 +26,7 @@ try:  # transformers 5 validates configs through huggingface_hub's strict datacl
 except ImportError:  # older huggingface_hub: transformers raises ValueError
     _ConfigRejected = ValueError
 
-from llmsp.prune.export import modeling_pruned
+from llmsp.prune import modeling_pruned
 from llmsp.prune.export.layout import ExportError, LayerLayout, layer_layouts
 from llmsp.prune.plan import KeepPlan
 
