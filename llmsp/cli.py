@@ -7,16 +7,14 @@ and the sweep ends with one summary of every failed job.
 """
 from __future__ import annotations
 
-import os
 import sys
-from importlib.resources import files
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-CONF_DIR = os.fspath(files("llmsp.conf"))
+from llmsp.config import CONF_DIR
 
 
 def run_job(cfg: DictConfig) -> dict:

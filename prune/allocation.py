@@ -26,6 +26,21 @@ class InfeasibleRatio(ValueError):
 RATIO_OF = ("model", "layers")
 
 
+def check_ratio(ratio: float) -> None:
+    """The one range check of a requested ratio: [0, 1)."""
+    if not 0.0 <= ratio < 1.0:
+        raise InfeasibleRatio(f"ratio={ratio} is outside [0, 1): it is the fraction of the model's parameters "
+                              f"removed, e.g. ratio=0.3")
+
+
+def requested_ratio(cfg) -> float:
+    """The run's `ratio`, range-checked, under its own convention (ratio_of); 0 for method=dense, which prunes
+    nothing whatever the ratio says."""
+    ratio = float(cfg.ratio)
+    check_ratio(ratio)
+    return 0.0 if cfg.method.name == "dense" else ratio
+
+
 def model_ratio(s: ModelStructure, ratio: float, ratio_of: str = "model") -> float:
     """`ratio` under the run's convention -> the fraction of the whole model's parameters to remove.
 
@@ -64,8 +79,7 @@ def max_removable(s: ModelStructure, layers: list[int], heads: bool = True, chan
 
 def check_feasible(s: ModelStructure, ratio: float, first: int, last: int, heads=True, channels=True) -> None:
     """Raise InfeasibleRatio when the layer range cannot hold `ratio` of the model's parameters."""
-    if not 0.0 <= ratio < 1.0:
-        raise InfeasibleRatio(f"ratio={ratio} is outside [0, 1): it is the fraction of parameters removed")
+    check_ratio(ratio)
     layers = prunable_layers(s, first, last)
     cap = max_removable(s, layers, heads, channels)
     if ratio * s.total_params > cap:

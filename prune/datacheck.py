@@ -13,6 +13,7 @@ import json
 import logging
 import os
 
+from llmsp.prune.allocation import requested_ratio
 from llmsp.prune.data import calibration_files, corpus_files, read_jsonl, resolve_root
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def needed_files(cfg, method, task_files: list[str] = ()) -> list[str]:
     if root is None:
         return []
     files: list[str] = []
-    if cfg.method.name != "dense" and float(cfg.ratio) > 0:
+    if requested_ratio(cfg) > 0:
         corpora = {cfg.calibration.dataset, getattr(method, "dataset", None),
                    getattr(getattr(method, "init", None), "dataset", None)}
         for name in sorted(c for c in corpora if c):

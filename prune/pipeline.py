@@ -11,16 +11,14 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from llmsp.evaluate import measure_dense_reference, run_evaluations
-from llmsp.prune.allocation import model_ratio, within_range_ratio
+from llmsp.prune.allocation import requested_ratio, within_range_ratio
 from llmsp.prune.checkpoint import save_pruned
 from llmsp.prune.logger import make_logger
-from llmsp.prune.memory import StageMeter
-from llmsp.prune.methods.base import PruneContext
-from llmsp.prune.models import load_model, resolve_device, resolve_dtype
 from llmsp.prune.preflight import preflight
 from llmsp.prune.results import summary, write_json
+from llmsp.prune.run_setup import load_run
 from llmsp.prune.slicing import apply_plan
-from llmsp.prune.structure import discover, num_params
+from llmsp.prune.structure import num_params
 
 log = logging.getLogger(__name__)
 
@@ -33,26 +31,19 @@ def run(cfg: DictConfig, out_dir: str) -> dict:
     method = build_method(cfg)
     notes = preflight(cfg, method, out_dir)  # every input error fails here, before the model loads
     logger = make_logger(cfg, out_dir)
-    device = resolve_device(cfg.device)
-    meter = StageMeter(device)
-    target = 0.0 if method.name == "dense" else float(cfg.ratio)
     results = {"model": cfg.model.name, "method": method.name, "config": OmegaConf.to_container(cfg, resolve=True),
                **notes}
     path = os.path.join(out_dir, "results.json")
+    setup = load_run(cfg, logger=logger)
+    model, tokenizer, ctx, meter = setup.model, setup.tokenizer, setup.ctx, setup.meter
+    s, ratio, target = ctx.structure, ctx.ratio, requested_ratio(cfg)
 
     def save():
         results.update(meter.as_dict())
         write_json(path, results)
 
-    with meter.stage("load", f"{cfg.model.name} ({cfg.model.source}) on {device}, {cfg.dtype}"):
-        model, tokenizer = load_model(cfg.model, resolve_dtype(cfg.dtype), device, cfg.seed)
     base_config = model.config.to_dict()
     measure_dense_reference(cfg, model, meter, results)  # efficiency report's dense side, before slicing
-    s = discover(model)
-    ratio = model_ratio(s, target, cfg.ratio_of)  # what every method works with: the share of the whole model
-    ctx = PruneContext(model, tokenizer, s, ratio, cfg.layer_range.first, cfg.layer_range.last, cfg.allocation,
-                       OmegaConf.to_container(cfg.calibration, resolve=True), cfg.data.root, cfg.seed, meter,
-                       logger=logger)
     with meter.stage("prune", f"{method.name} to {ratio:.4f} of the model's parameters, {cfg.allocation} allocation, layers "
                      f"{ctx.first}-{s.num_layers - 1 - ctx.last} of {s.num_layers}"):
         plan = method.plan(ctx)

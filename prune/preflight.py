@@ -56,7 +56,7 @@ def check_resume(cfg, method, out_dir: str) -> None:
 def preflight(cfg, method, out_dir: str) -> dict:
     """Run every check; returns notes for results.json ({"zeroshot_left_out": ...} when tasks were left out)."""
     try:
-        validate(cfg, method.granularity, method.heads, method.channels)
+        validate(cfg, method)
         if cfg.reconstruct.name != "none" and method.rewrites_model:
             raise ValueError(f"reconstruct={cfg.reconstruct.name} refits the kept units of a plan, but method="
                              f"{method.name} rewrites the model itself; use reconstruct=none with it")

@@ -40,15 +40,12 @@ def _rss() -> int:
 def worker(spec: str, model: str, batch_size: int, seq_len: int, dtype: str, device: str, extra: list[str]) -> dict:
     """Runs in the subprocess: load, then one plain forward, one forward + backward, or the method's plan()."""
     import torch
-    from hydra import compose, initialize_config_dir
 
+    from llmsp.config import compose_config
     from llmsp.prune.data import calibration_batch
-    from llmsp.prune.memory import StageMeter
-    from llmsp.prune.methods.base import PruneContext
     from llmsp.prune.methods.zo_gradient import lm_loss
-    from llmsp.prune.models import load_model, resolve_device, resolve_dtype
     from llmsp.prune.pipeline import build_method
-    from llmsp.prune.structure import discover
+    from llmsp.prune.run_setup import load_run
 
     name, *own = spec.split(":")
     reference = name in ("forward", "backward")
@@ -59,13 +56,10 @@ def worker(spec: str, model: str, batch_size: int, seq_len: int, dtype: str, dev
                       f"method.grad_seq_len={seq_len}", "method.dense_forward=false",
                       "method.act_samples=${calibration.n_samples}"]  # the same activation count as wanda_sp
     overrides += own
-    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides + extra)
-    dev = resolve_device(cfg.device)
-    meter = StageMeter(dev)
-    with meter.stage("load"):
-        m, tok = load_model(cfg.model, resolve_dtype(cfg.dtype), dev, cfg.seed)
-    baseline = torch.cuda.memory_allocated() if dev.type == "cuda" else _rss()
+    cfg = compose_config(overrides + extra)
+    setup = load_run(cfg)
+    m, tok, meter = setup.model, setup.tokenizer, setup.meter
+    baseline = torch.cuda.memory_allocated() if setup.device.type == "cuda" else _rss()
     if reference:
         batch = calibration_batch(tok, cfg.calibration.dataset, batch_size, seq_len, cfg.seed, cfg.data.root)
         if name == "forward":
@@ -76,15 +70,11 @@ def worker(spec: str, model: str, batch_size: int, seq_len: int, dtype: str, dev
             with meter.stage("backward"):
                 lm_loss(m, batch).backward()
     else:
-        from omegaconf import OmegaConf
-        ctx = PruneContext(m, tok, discover(m), float(cfg.ratio), cfg.layer_range.first, cfg.layer_range.last,
-                           cfg.allocation, OmegaConf.to_container(cfg.calibration, resolve=True), cfg.data.root,
-                           cfg.seed, meter)
-        build_method(cfg).plan(ctx)
+        build_method(cfg).plan(setup.ctx)
     d = meter.as_dict()
     stages = {k: v for k, v in d["peak_memory_bytes"].items() if k != "load"}
     return {"peak_bytes": max(stages.values()), "seconds": sum(d["time_s"][k] for k in stages),
-            "baseline_bytes": baseline, "stages": d}
+            "baseline_bytes": baseline, "target_of_model": setup.ctx.ratio, "stages": d}
 
 
 def run_one(name: str, args, extra: list[str]) -> dict:

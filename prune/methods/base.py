@@ -1,22 +1,31 @@
-"""The method interface: a method turns a PruneContext into a KeepPlan."""
+"""The method interface: a method turns a PruneContext into a KeepPlan.
+
+`PruneContext.from_config` is the one place where a run's budget is derived (ratio convention, dense, layer range);
+`PruningMethod.check_feasible` is each method's own answer to "can this budget be met", asked by preflight on a
+meta-device model before any weight loads.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
-from llmsp.prune.allocation import select
+from llmsp.prune.allocation import check_feasible, model_ratio, requested_ratio, select
 from llmsp.prune.data import calibration_batch
 from llmsp.prune.logger import NullLogger
 from llmsp.prune.memory import StageMeter
 from llmsp.prune.plan import KeepPlan
 from llmsp.prune.scoring import structure_scores
-from llmsp.prune.structure import ModelStructure
+from llmsp.prune.structure import ModelStructure, discover
 
 
 @dataclass
 class PruneContext:
+    """What a method sees of the run: the model, its structure and the budget (`ratio` = the share of the WHOLE
+    model's parameters to remove, whatever convention the run's `ratio_of` uses)."""
+
     model: torch.nn.Module
     tokenizer: Any
     structure: ModelStructure
@@ -31,6 +40,22 @@ class PruneContext:
     extras: dict = field(default_factory=dict)  # per-method results for results.json
     manifest: dict = field(default_factory=dict)  # checkpoint-manifest additions a method needs to rebuild its model
     logger: Any = field(default_factory=NullLogger)  # live curves of iterative methods (pg): logger.log(metrics, step)
+
+    @classmethod
+    def from_config(cls, cfg, model: torch.nn.Module, tokenizer: Any = None, meter: StageMeter | None = None,
+                    logger: Any = None) -> "PruneContext":
+        """The run's context: the requested ratio (range-checked, 0 for dense) under `ratio_of`, as a share of the
+        whole model; layer range, allocation, calibration and seed from the config. `model` may live on the meta
+        device (preflight's feasibility check)."""
+        s = discover(model)
+        return cls(model, tokenizer, s, model_ratio(s, requested_ratio(cfg), cfg.ratio_of), cfg.layer_range.first,
+                   cfg.layer_range.last, cfg.allocation, OmegaConf.to_container(cfg.calibration, resolve=True),
+                   cfg.data.root, cfg.seed, meter or StageMeter(), logger=logger or NullLogger())
+
+    @property
+    def target_params(self) -> float:
+        """Parameters to remove: ratio x the model's total."""
+        return self.ratio * self.structure.total_params
 
     @property
     def prunable(self) -> list[int]:
@@ -53,6 +78,11 @@ class PruningMethod:
         self.name = name
         self.heads = heads
         self.channels = channels
+
+    def check_feasible(self, ctx: PruneContext) -> None:
+        """Raise InfeasibleRatio when this method cannot remove ctx.ratio of the model within its layer range.
+        Width methods: the prunable heads and channels must hold the budget. Runs on a meta-device model."""
+        check_feasible(ctx.structure, ctx.ratio, ctx.first, ctx.last, self.heads, self.channels)
 
     def plan(self, ctx: PruneContext) -> KeepPlan:
         raise NotImplementedError

@@ -158,7 +158,7 @@ class Bonsai(PruningMethod):
         bs = self.batch_size or ctx.calibration["batch_size"]
         batch = ctx.calib(dataset=self.dataset, n_samples=self.eval_samples, seq_len=self.seq_len)  # (N, T)
         gen = torch.Generator().manual_seed(ctx.seed)
-        plan, target, rounds = KeepPlan.full(s), ctx.ratio * s.total_params, []
+        plan, target, rounds = KeepPlan.full(s), ctx.target_params, []
         smallest = min(s.layers[i].channel_cost for i in ctx.prunable)
         with Masker(s) as masker:
             while target - (s.total_params - plan.params_after(s)) > smallest / 2:

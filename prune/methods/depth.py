@@ -35,19 +35,30 @@ class DepthMethod(PruningMethod):
         self.dataset, self.n_samples, self.seq_len, self.batch_size = dataset, n_samples, seq_len, batch_size
         self.keep_first, self.keep_last = keep_first, keep_last
 
+    def kept_ends(self, ctx: PruneContext) -> tuple[int, int]:
+        """(first, last) layers never removed: keep_first/keep_last when set, else the layer range."""
+        return (ctx.first if self.keep_first is None else self.keep_first,
+                ctx.last if self.keep_last is None else self.keep_last)
+
     def candidates(self, ctx: PruneContext) -> list[int]:
-        first = ctx.first if self.keep_first is None else self.keep_first
-        last = ctx.last if self.keep_last is None else self.keep_last
+        first, last = self.kept_ends(ctx)
         return list(range(first, ctx.structure.num_layers - last))
 
     def n_remove(self, ctx: PruneContext, candidates: list[int]) -> int:
         """Layers to remove: the count whose parameters come closest to ratio x total (layers are equal-sized)."""
-        cost = ctx.structure.layers[candidates[0]].num_params
-        n = math.floor(ctx.ratio * ctx.structure.total_params / cost + 0.5)
+        cost = ctx.structure.layers[0].num_params
+        n = math.floor(ctx.target_params / cost + 0.5)
         if n > len(candidates):
-            raise InfeasibleRatio(f"ratio={ctx.ratio} needs {n} layers removed but only {len(candidates)} are "
-                                  f"candidates; lower the ratio or the kept blocks")
+            first, last = self.kept_ends(ctx)
+            raise InfeasibleRatio(f"{self.name}: ratio={ctx.ratio:.4f} of the model needs {n} layers removed but only "
+                                  f"{len(candidates)} are candidates (the first {first} and last {last} of "
+                                  f"{ctx.structure.num_layers} are kept); lower the ratio or "
+                                  f"method.keep_first/method.keep_last")
         return n
+
+    def check_feasible(self, ctx: PruneContext) -> None:
+        """The budget against this method's own candidates (keep_first/keep_last when set, else the layer range)."""
+        self.n_remove(ctx, self.candidates(ctx))
 
     def batch(self, ctx: PruneContext) -> torch.Tensor:
         return ctx.calib(self.dataset, self.n_samples, self.seq_len)
