@@ -19,8 +19,9 @@ names the classes below) loads the model without llm-structured-pruning installe
 The global head counts stay the unpruned model's (head_dim and the ALiBi slopes derive from them).
 
 The stock model is built first and each layer's projections are then replaced by ones of the kept widths; under
-from_pretrained this runs on the meta device, so no full-width weights are allocated. The module layout is the one
-llm-structured-pruning's slicing produces (HeadGather keeps its Linear as `.proj`), so the weights load unchanged.
+from_pretrained this runs on the meta device, so no full-width weights are allocated. Slicing (prune/slicing.py)
+uses this module's HeadGather and EmptyAttention, so a sliced model and its export have one module tree and the
+weights load unchanged; that is why this file sits below slicing in llmsp.prune and imports nothing of llmsp.
 """
 import warnings
 
@@ -30,18 +31,27 @@ from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCau
 
 
 class HeadGather(nn.Module):
-    """k/v projection of the kept KV heads, laid out once per kept query head (so attention needs no grouping)."""
+    """k/v projection of a GQA layer whose kept KV heads serve unequal numbers of kept query heads.
 
-    def __init__(self, proj: nn.Linear, kv_index: list, head_dim: int):
+    Computes the kept KV heads once (B, T, G*hd), then lays them out one per kept query head (B, T, Hq*hd), so
+    attention runs with num_key_value_groups = 1. Only the kept KV rows are parameters; `proj` is a plain Linear,
+    so LoRA (peft 'all-linear') adapts it like any other. `kv_index` (for each kept query head, the kept KV head it
+    reads) is a list, not a buffer: from_pretrained builds modules on the meta device, where a buffer's values
+    would be lost; its tensor is made once per device on the first forward there.
+    """
+
+    def __init__(self, proj: nn.Linear, kv_index, head_dim: int):
         super().__init__()
         self.proj = proj
-        self.kv_index = list(kv_index)
+        self.kv_index = kv_index.tolist() if torch.is_tensor(kv_index) else [int(i) for i in kv_index]
         self.head_dim = head_dim
+        self._index = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.proj(x).unflatten(-1, (-1, self.head_dim))  # (B, T, kept KV heads, hd)
-        index = torch.tensor(self.kv_index, dtype=torch.long, device=y.device)
-        return y.index_select(-2, index).flatten(-2)  # (B, T, kept query heads * hd)
+        if self._index is None or self._index.device != y.device:
+            self._index = torch.tensor(self.kv_index, dtype=torch.long, device=y.device)
+        return y.index_select(-2, self._index).flatten(-2)  # (B, T, kept query heads * hd)
 
 
 class EmptyAttention(nn.Module):

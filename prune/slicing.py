@@ -8,33 +8,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmsp.prune.modeling_pruned import EmptyAttention
+from llmsp.prune.modeling_pruned import EmptyAttention, HeadGather
 from llmsp.prune.plan import KeepPlan
 from llmsp.prune.structure import LayerInfo, ModelStructure, get_module
 
 
-class HeadGather(nn.Module):
-    """k/v projection of a GQA layer whose kept KV heads serve unequal numbers of kept query heads.
-
-    Computes the kept KV heads once (B, T, G*hd), then lays them out one per kept query head
-    (B, T, Hq*hd), so attention runs with num_key_value_groups = 1. Only the kept KV rows are
-    parameters; `proj` is a plain Linear, so LoRA (peft 'all-linear') adapts it like any other.
-    """
-
-    def __init__(self, proj: nn.Linear, head_index: torch.Tensor, head_dim: int):
-        super().__init__()
-        self.proj = proj
-        self.head_dim = head_dim
-        self.register_buffer("head_index", head_index, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.proj(x).unflatten(-1, (-1, self.head_dim))  # (B, T, G, hd)
-        return y[..., self.head_index, :].flatten(-2)  # (B, T, Hq*hd)
-
-
 def empty_attention(o: nn.Linear, adds_residual: bool) -> EmptyAttention:
     """The block that replaces an attention with every head pruned: it adds only o's bias (copied, frozen), if any.
-    The class is the exported model's own (modeling_pruned.py), so sliced and exported models share one layout."""
+    The class is the exported model's own (modeling_pruned.py), as is HeadGather, so sliced and exported models
+    share one module tree."""
     block = EmptyAttention(o.out_features, o.bias is not None, adds_residual, like=o.weight)
     if o.bias is not None:
         block.bias.data.copy_(o.bias.data)
@@ -80,9 +62,9 @@ def _slice_attention(s: ModelStructure, info: LayerInfo, heads: list[int], kv: l
             attn.num_key_value_groups = per_group[0]
         else:
             pos = {g: j for j, g in enumerate(kv)}
-            head_index = torch.tensor([pos[info.kv_of(h)] for h in heads], dtype=torch.long)
+            kv_index = [pos[info.kv_of(h)] for h in heads]
             for path in (spec.k, spec.v):
-                _set_module(info.module, path, HeadGather(info.linear(path), head_index, info.head_dim))
+                _set_module(info.module, path, HeadGather(info.linear(path), kv_index, info.head_dim))
             attn.num_key_value_groups = 1
 
 

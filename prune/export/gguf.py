@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from llmsp.prune.export.layout import ExportError, LayerLayout, layer_layouts
+from llmsp.prune.modeling_pruned import EmptyAttention, HeadGather
 from llmsp.prune.plan import KeepPlan
-from llmsp.prune.slicing import EmptyAttention, HeadGather
 
 FILE_TYPES = {"f32": (gguf.LlamaFileType.ALL_F32, torch.float32), "f16": (gguf.LlamaFileType.MOSTLY_F16, torch.float16),
               "bf16": (gguf.LlamaFileType.MOSTLY_BF16, torch.bfloat16)}

@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from llmsp.prune.modeling_pruned import EmptyAttention, HeadGather
 from llmsp.prune.plan import KeepPlan
-from llmsp.prune.slicing import EmptyAttention, HeadGather
 from llmsp.prune.structure import ARCHS, get_module
 
 
@@ -68,7 +68,7 @@ def layer_layouts(model: nn.Module, plan: KeepPlan, base_config: dict) -> list[L
             else:
                 k = get_module(layer, spec.k)
                 if isinstance(k, HeadGather):
-                    kv_index = k.head_index.tolist()
+                    kv_index = list(k.kv_index)
                     k = k.proj
                 kv_heads = k.out_features // head_dim
         out.append(LayerLayout(orig, heads, kv_heads, kv_index, sorted(plan.heads[orig]) if arch == "bloom" else None,
