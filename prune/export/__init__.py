@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import os
 
-# checkpoint is imported inside the functions: slicing imports modeling_pruned from this package, and checkpoint
-# imports slicing, so a module-level import here would be circular.
+from llmsp.prune.checkpoint import MANIFEST, CheckpointError, load_pruned
 
 
 def find_checkpoint(path: str) -> str:
     """A run directory (holding model/) or a checkpoint directory (holding manifest.json) -> the checkpoint dir."""
-    from llmsp.prune.checkpoint import MANIFEST, CheckpointError
-
     for candidate in (path, os.path.join(path, "model")):
         if os.path.isfile(os.path.join(candidate, MANIFEST)):
             return candidate
@@ -28,7 +25,6 @@ def find_checkpoint(path: str) -> str:
 def export_checkpoint(path: str, out: str, gguf_types: tuple[str, ...] = (), check: bool = True,
                       tokenizer_gguf: str | None = None) -> dict:
     """Write the HF directory `out` (and `out`/model-<type>.gguf for each GGUF type); returns what was written."""
-    from llmsp.prune.checkpoint import load_pruned
     from llmsp.prune.export.hf import check_round_trip, export_hf
 
     model, tokenizer, manifest = load_pruned(find_checkpoint(path))
