@@ -87,6 +87,16 @@ class PruningMethod:
     def plan(self, ctx: PruneContext) -> KeepPlan:
         raise NotImplementedError
 
+    def check_resume(self, cfg, out_dir: str) -> None:
+        """Raise ValueError when this method was asked to resume and `out_dir` (the run directory) holds nothing to
+        resume from; asked by preflight before the model loads. Methods without checkpoints have nothing to check."""
+
+    def calibration_datasets(self) -> set[str]:
+        """The calibration corpora this method reads besides the run's calibration.dataset (its own `dataset`),
+        so that datacheck checks their files before the model loads."""
+        dataset = getattr(self, "dataset", None)
+        return {dataset} if dataset else set()
+
 
 class ScoringMethod(PruningMethod):
     """A method defined by per-unit scores; the shared allocation turns them into a plan.
