@@ -340,7 +340,7 @@ def make_ctx(data_root, ratio=0.3, model="tiny_llama_gqa"):
 
 def pg(out_dir, **kw):
     base = dict(init=ProgressiveInit(stage_fraction=1 / 6), n_segments=24, seq_len=32, batch_size=4,
-                checkpoint_every=2, out_dir=str(out_dir), lr=0.05, plot=False)
+                checkpoint_every=2, out_dir=None if out_dir is None else str(out_dir), lr=0.05, plot=False)
     return PolicyGradient(**{**base, **kw})
 
 
@@ -363,8 +363,42 @@ def test_interrupted_and_resumed_run_gives_the_same_mask(tmp_path, data_root):
     assert torch.equal(resumed.s, full.s)
     assert plan_resumed.to_dict() == plan_full.to_dict()
     assert [c["step"] for c in ctx.extras["pg"]["curves"]] == [0, 5]  # step 0 was logged before the kill
+    for name in (ckpt.TENSORS, ckpt.SCALARS):  # s, RNG, baseline, curves: the final checkpoints are the same bytes
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     with pytest.raises(ValueError, match="other settings"):
         pg(tmp_path / "b", resume=True, lr=0.1).plan(make_ctx(data_root))
+
+
+@pytest.mark.parametrize("baseline", ["ema", "window"])
+def test_trainer_state_dict_resumes_exactly(data_root, baseline):
+    """A trainer restored from another's state_dict (through a checkpoint's JSON) draws the same masks and moves s
+    and the baseline exactly as the uninterrupted trainer; its own generator's seed no longer matters."""
+    import json
+
+    ctx = make_ctx(data_root)
+    table = UnitTable(ctx.structure, ctx.prunable)
+    cfg = PGSettings(batch_size=4, baseline=baseline, window=3, lr=0.05)
+    batches = ctx.calib(n_samples=24, seq_len=32).view(6, 4, 32)
+    budget = table.budget(0.3)
+    s0 = RandomInit().init(ctx, table, 0.3)
+
+    def run(trainer, s, steps):
+        with trainer:
+            for k in steps:
+                s = trainer.step(s, batches[k], budget, k, 6)["s"]
+        return s
+
+    full = Trainer(ctx.model, table, cfg, torch.Generator().manual_seed(1))
+    s_full = run(full, s0, range(6))
+    first = Trainer(ctx.model, table, cfg, torch.Generator().manual_seed(1))
+    s_mid = run(first, s0, range(3))
+    state = first.state_dict()
+    assert len(state["baseline"]) > 0
+    resumed = Trainer(ctx.model, table, cfg, torch.Generator().manual_seed(99))
+    resumed.load_state_dict({"rng": state["rng"].clone(), "baseline": json.loads(json.dumps(state["baseline"]))})
+    assert torch.equal(run(resumed, s_mid, range(3, 6)), s_full)
+    assert resumed.baseline.history == full.baseline.history
+    assert torch.equal(resumed.state_dict()["rng"], full.state_dict()["rng"])
 
 
 class NaNTrainer(Trainer):
@@ -425,6 +459,51 @@ def test_nan_policy_skip_is_the_released_one(tmp_path, data_root):
     assert pgx["skipped_nan"] == 0 and pgx["dropped_nan_samples"] == 1
     assert trainers[-1].positions == list(range(pgx["steps"]))
     assert math.isfinite(pgx["curves"][2]["loss"])  # the mean of the finite sample
+
+
+def test_check_resume_refuses_a_run_directory_without_checkpoint(tmp_path):
+    """preflight's resume hook: resume=true and no checkpoint in the run directory is an error naming the runs that
+    could be resumed; a checkpoint there, or resume=false, passes. A method without checkpoints never refuses."""
+    from omegaconf import OmegaConf
+
+    from llmsp.prune.methods.base import PruningMethod
+
+    cfg = OmegaConf.create({"model": {"name": "tiny"}, "method": {"name": "pg"}, "ratio": 0.3})
+    now = tmp_path / "runs" / "now"
+    with pytest.raises(ValueError, match=f"run directory {now} holds no checkpoint; no earlier pg run of tiny at "
+                                         r"ratio 0.3 has one; drop resume=true"):
+        pg(None, resume=True).check_resume(cfg, str(now))
+    earlier = tmp_path / "runs" / "earlier"
+    earlier.mkdir(parents=True)
+    (earlier / ckpt.TENSORS).write_bytes(b"")
+    (earlier / ckpt.SCALARS).write_text('{"step": 7}')
+    with pytest.raises(ValueError, match=rf"resume one of these with hydra.run.dir=<dir>: {earlier} \(step 7\)"):
+        pg(None, resume=True).check_resume(cfg, str(now))
+    with pytest.raises(ValueError, match=f"run directory {now} holds"):  # method.out_dir wins over preflight's dir
+        pg(now, resume=True).check_resume(cfg, str(earlier))
+    pg(None, resume=True).check_resume(cfg, str(earlier))
+    pg(None).check_resume(cfg, str(now))
+    PruningMethod("x").check_resume(cfg, str(now))
+
+
+def test_calibration_datasets_include_the_init_metrics_corpus():
+    """datacheck's hook: a method's own `dataset`, and for pg the corpus its metric init calibrates on."""
+    from llmsp.prune.methods.depth import LayerwisePPL
+
+    assert LayerwisePPL(dataset="wikitext2").calibration_datasets() == {"wikitext2"}
+    assert pg(None, init=MetricInit(LayerwisePPL(dataset="bookcorpus"))).calibration_datasets() == {"bookcorpus"}
+    assert pg(None, init=MetricInit(Magnitude("magnitude_l1"))).calibration_datasets() == set()
+    assert pg(None, init=RandomInit()).calibration_datasets() == set()
+
+
+def test_check_feasible_is_the_plans_own_budget(data_root):
+    """preflight's feasibility hook asks pg's unit table, whole layers for granularity=depth, as plan() does."""
+    from llmsp.prune.allocation import InfeasibleRatio
+
+    for granularity in ("width", "depth"):
+        pg(None, granularity=granularity).check_feasible(make_ctx(data_root, ratio=0.3))
+        with pytest.raises(InfeasibleRatio, match="holds too few"):
+            pg(None, granularity=granularity).check_feasible(make_ctx(data_root, ratio=0.99))
 
 
 def test_inits_start_on_the_budget_and_follow_the_metric(data_root):

@@ -23,12 +23,14 @@ budget's, and the expected per-layer sparsity. The final per-layer sparsity is p
 <run dir>/layer_sparsity.{png,pdf}. `snapshot_steps` keeps s at those step counts (0: the init) in
 <run dir>/pg_s_step<N>.safetensors, so one run yields the top-s masks of several step counts
 (sweeps/pg_snapshots.py evaluates them).
+Lifecycle, as a torchtune recipe: setup (the run's fixed parts) -> load_checkpoint, or initialize -> train (one
+train_step per step; save_checkpoint every `checkpoint_every` steps) -> finish (final plan and results).
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -51,6 +53,15 @@ def hydra_run_dir() -> str | None:
         return HydraConfig.get().runtime.output_dir
     except Exception:  # not inside a Hydra app (tests, sweeps)
         return None
+
+
+@dataclass
+class Records:
+    """What a run has recorded so far; checkpointed with s, so a resumed run's results.json has the whole run."""
+    curves: list = field(default_factory=list)  # one dict per logged step
+    sparsity_curve: list = field(default_factory=list)  # {"step", "expected": per-layer expected sparsity}
+    skipped: int = 0  # steps skipped whole (nan_policy=skip); they do not advance the lr schedule
+    dropped: int = 0  # non-finite samples dropped (nan_policy=skip)
 
 
 class PolicyGradient(PruningMethod):
@@ -81,116 +92,199 @@ class PolicyGradient(PruningMethod):
     def table(self, ctx: PruneContext) -> UnitTable:
         return UnitTable(ctx.structure, ctx.prunable, self.granularity, self.gqa_unit, self.budget_mode, self.allocation)
 
+    def check_feasible(self, ctx: PruneContext) -> None:
+        """The budget against this run's own units (whole layers with granularity=depth), as plan() checks first."""
+        self.table(ctx).budget(ctx.ratio)
+
+    def check_resume(self, cfg, out_dir: str) -> None:
+        """resume=true needs a checkpoint in the run directory (method.out_dir, else `out_dir`). Without one this is
+        an error listing the runs that could be resumed (we do not pick one: a run made with other settings would be
+        refused on load anyway)."""
+        if not self.resume:
+            return
+        run_dir = self.out_dir or out_dir
+        if ckpt.exists(run_dir):
+            return
+        runs = ckpt.resumable_runs(cfg, run_dir)
+        hint = ("resume one of these with hydra.run.dir=<dir>: " + ", ".join(f"{d} (step {s})" for d, s in runs)
+                if runs else f"no earlier {cfg.method.name} run of {cfg.model.name} at ratio {cfg.ratio} has one; "
+                             f"drop resume=true to start afresh")
+        raise ValueError(f"resume=true but the run directory {run_dir} holds no checkpoint; {hint}")
+
+    def calibration_datasets(self) -> set[str]:
+        """Also the corpora of a metric init, which scores the units on its own method's data (init=layerwise_ppl:
+        init.method.dataset)."""
+        metric = getattr(self.init, "method", None)
+        return super().calibration_datasets() | (
+            metric.calibration_datasets() if isinstance(metric, PruningMethod) else set())
+
     def plan(self, ctx: PruneContext) -> KeepPlan:
-        out_dir = self.out_dir or hydra_run_dir()
-        table = self.table(ctx)
-        table.budget(ctx.ratio)  # fails early on an infeasible ratio
+        """The whole run, resumed from its checkpoint when resume=true finds one; -> the final top-s plan."""
+        self.setup(ctx)
+        if not self.load_checkpoint():
+            self.initialize(ctx)
+        self.train(ctx)
+        return self.finish(ctx)
+
+    def setup(self, ctx: PruneContext) -> None:
+        """The run's fixed parts: run directory, unit table, training rows and held-out probe, stage schedule, data
+        order, the trainer with its mask sampler, and the fingerprint a resumed run must match."""
+        self.run_dir = self.out_dir or hydra_run_dir()
+        self.units = self.table(ctx)
+        self.units.budget(ctx.ratio)  # fails early on an infeasible ratio
         B = self.cfg.batch_size
         data = ctx.calib(n_samples=self.n_segments + B, seq_len=self.seq_len)  # (n_segments + B, T)
-        data, probe = data[:-B], data[-B:]  # probe: a held-out batch on which the curves measure the top-s mask
+        self.data, self.probe = data[:-B], data[-B:]  # probe: the batch on which the curves measure the top-s mask
         # the schedule's length: one epoch of the segments, or `steps` (the data then wraps around, as in the
         # paper's Table A17, which fixes the total steps while the calibration set shrinks)
-        epoch = self.steps or max(1, len(data) // B)
-        stages = self.init.stages(ctx.ratio, epoch)
-        total = sum(n for _, n in stages)
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(ctx.seed))
+        epoch = self.steps or max(1, len(self.data) // B)
+        self.stages = self.init.stages(ctx.ratio, epoch)
+        self.total = sum(n for _, n in self.stages)
+        self.order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(ctx.seed))
         # the masks' Bernoulli draws: their own seed when sample_seed is set, so a seed sweep varies only the sampling
         # while the data, its order and the init stay fixed (Table A12 fixes the initialisation)
         gen = torch.Generator().manual_seed(ctx.seed + 1 if self.sample_seed is None else self.sample_seed)
-        fingerprint = {"units": table.n, "granularity": self.granularity, "gqa_unit": self.gqa_unit,
-                       "budget": self.budget_mode, "allocation": self.allocation, "ratio": ctx.ratio,
-                       "stages": [list(x) for x in stages], "n_segments": len(data), "seed": ctx.seed,
-                       "sample_seed": self.sample_seed, "init": self.init.name, **asdict(self.cfg)}
-        trainer = self.trainer_cls(ctx.model, table, self.cfg, gen)
-        start, curves, sparsity_curve, skipped, dropped = 0, [], [], 0, 0
-        if self.resume and ckpt.exists(out_dir):
-            s, sc = ckpt.load_state(out_dir, gen, fingerprint, defaults=asdict(self.settings_cls()))
-            start, curves, sparsity_curve, skipped = sc["step"], sc["curves"], sc["sparsity_curve"], sc["skipped"]
-            dropped = sc.get("dropped", 0)
-            trainer.baseline.history = sc["baseline"]
-            log.info("pg: resumed from %s at step %d/%d", out_dir, start, total)
-        else:
+        self.fingerprint = self.settings_fingerprint(ctx)
+        self.trainer = self.trainer_cls(ctx.model, self.units, self.cfg, gen)
+
+    def settings_fingerprint(self, ctx: PruneContext) -> dict:
+        """Every setting that shapes the trajectory; a checkpoint made with other values is refused."""
+        return {"units": self.units.n, "granularity": self.granularity, "gqa_unit": self.gqa_unit,
+                "budget": self.budget_mode, "allocation": self.allocation, "ratio": ctx.ratio,
+                "stages": [list(x) for x in self.stages], "n_segments": len(self.data), "seed": ctx.seed,
+                "sample_seed": self.sample_seed, "init": self.init.name, **asdict(self.cfg)}
+
+    def load_checkpoint(self) -> bool:
+        """With resume=true, continue from the run directory's checkpoint: s, the trainer's state (sampler RNG,
+        baseline), the step and the records. False when there is nothing to resume."""
+        if not (self.resume and ckpt.exists(self.run_dir)):
             if self.resume:
-                log.warning("pg: resume=true but no checkpoint in %s; starting fresh", out_dir)
-            with ctx.meter.stage("pg_init"):
-                s = self.init.init(ctx, table, stages[0][0]).double()
+                log.warning("pg: resume=true but no checkpoint in %s; starting fresh", self.run_dir)
+            return False
+        self.s, trainer, progress = ckpt.load_state(self.run_dir, self.fingerprint,
+                                                    defaults=asdict(self.settings_cls()))
+        self.trainer.load_state_dict(trainer)
+        self.start = progress["step"]
+        self.records = Records(progress["curves"], progress["sparsity_curve"], progress["skipped"],
+                               progress.get("dropped", 0))  # checkpoints from before nan_policy=skip lack it
+        log.info("pg: resumed from %s at step %d/%d", self.run_dir, self.start, self.total)
+        return True
 
-        def save(step):
-            if out_dir:
-                ckpt.save_state(out_dir, s, gen, {"step": step, "curves": curves, "sparsity_curve": sparsity_curve,
-                                                  "skipped": skipped, "dropped": dropped,
-                                                  "baseline": trainer.baseline.history,
-                                                  "fingerprint": fingerprint})
+    def initialize(self, ctx: PruneContext) -> None:
+        """A fresh start: s from the init, on the first stage's budget."""
+        with ctx.meter.stage("pg_init"):
+            self.s = self.init.init(ctx, self.units, self.stages[0][0]).double()
+        self.start, self.records = 0, Records()
 
-        def snapshot(step):
-            if out_dir and step in self.snapshot_steps:
-                ckpt.save_snapshot(out_dir, step, s)
+    def save_checkpoint(self, step: int) -> None:
+        """s, the trainer's state, the next step and the records, into the run directory (state.py)."""
+        if self.run_dir:
+            ckpt.save_state(self.run_dir, self.s, self.trainer.state_dict(), {"step": step, **asdict(self.records)},
+                            self.fingerprint)
 
-        bounds, acc = [], 0
-        for r, n in stages:
-            bounds.append((acc, acc + n, r))
-            acc += n
-        t0 = time.perf_counter()
-        with ctx.meter.stage("pg_optimize"), trainer:
-            for step in range(start, total):
-                snapshot(step)
-                lo, _, r = next(b for b in bounds if b[0] <= step < b[1])
-                budget = table.budget(r)
-                if step == lo and lo > 0:  # a new Random-Progressive stage: shift s onto the tighter budget
-                    s = on_budget(logit(s), table.cost, budget, table.group)
-                rows = order[(torch.arange(B) + step * B) % len(data)]
-                # the lr schedule's position: steps skipped whole (nan_policy=skip) do not advance it, as released
-                out = trainer.step(s, data[rows], budget, step - skipped, total)
-                dropped += out["dropped"]
-                if not out["finite"]:
-                    if self.cfg.nan_policy == "stop":
-                        save(step)
-                        raise FloatingPointError(
-                            f"pg: non-finite loss ({out['loss']}) at step {step}; stopped. The state before this "
-                            f"step is checkpointed in {out_dir} (resume=true continues from it; try dtype=float32, "
-                            f"or pg nan_policy=skip as the released code does).")
-                    skipped += 1
-                    log.warning("pg: every sample's loss non-finite at step %d; step skipped", step)
-                if step % self.log_every == 0 or step == total - 1:
-                    # the top-s mask of the s this step was sampled from, on the held-out probe batch
-                    top_loss = float(trainer.losses(probe, table.mask_from_plan(table.final_plan(s, r))[None])[0])
-                    rec = {"step": step, "loss": out["loss"], "top_s_loss": top_loss, "delta": out["delta"],
-                           "lr": out["lr"], "s_mean": float(s.mean()), "s_entropy": entropy(s),
-                           "kept_fraction": table.kept_fraction(s),
-                           "budget_fraction": float(budget.sum() / table.group_cost.sum()), "stage_ratio": r,
-                           **{f"s_mean_{k}": v for k, v in table.kind_means(s).items()}}
-                    curves.append(rec)
-                    expected = table.expected_layer_sparsity(s)
-                    sparsity_curve.append({"step": step, "expected": expected})
-                    ctx.logger.log({**{f"{self.name}/{k}": v for k, v in rec.items() if k != "step"},
-                                    **{f"{self.name}/expected_sparsity/layer_{i:02d}": e
-                                       for i, e in zip(table.layers, expected)}}, step=step)
-                    log.info("pg step %d/%d loss %.4f top-s %.4f delta %.4f kept %.4f/%.4f H(s) %.4f (%.1f s)",
-                             step, total, rec["loss"], top_loss, rec["delta"], rec["kept_fraction"],
-                             rec["budget_fraction"], rec["s_entropy"], time.perf_counter() - t0)
-                s = out["s"]
-                if self.checkpoint_every and (step + 1) % self.checkpoint_every == 0:
-                    save(step + 1)
-                if self.on_step:
-                    self.on_step(step)
-        snapshot(total)
-        save(total)
-        plan = table.final_plan(s, ctx.ratio)
-        self.s = s
-        ctx.extras["pg"] = {
-            "steps": total, "steps_this_run": total - start, "optimize_wall_s": time.perf_counter() - t0,
-            "stages": [list(x) for x in stages], "init": self.init.name, "units": table.n, "skipped_nan": skipped,
-            "dropped_nan_samples": dropped,
-            "settings": {**asdict(self.cfg), "granularity": self.granularity, "allocation": self.allocation,
-                         "budget": self.budget_mode, "gqa_unit": self.gqa_unit, "n_segments": len(data),
-                         "steps": self.steps, "sample_seed": self.sample_seed},
-            "curves": curves, "expected_layer_sparsity": sparsity_curve, "layers": table.layers,
-            "final_s": {"mean": float(s.mean()), "entropy": entropy(s), "kind_means": table.kind_means(s),
-                        "kept_fraction": table.kept_fraction(s),
-                        "frac_near_binary": float(((s < 0.05) | (s > 0.95)).double().mean())},
-            "snapshots": sorted(x for x in self.snapshot_steps if x <= total),
-        }
-        if self.plot and out_dir:
+    def snapshot(self, step: int) -> None:
+        """Keep s as it is after `step` steps when snapshot_steps asks for it."""
+        if self.run_dir and step in self.snapshot_steps:
+            ckpt.save_snapshot(self.run_dir, step, self.s)
+
+    def train(self, ctx: PruneContext) -> None:
+        """The step loop, from the first step (or the checkpointed one) to the last, with the masks attached."""
+        self.t0 = time.perf_counter()
+        with ctx.meter.stage("pg_optimize"), self.trainer:
+            for step in range(self.start, self.total):
+                self.train_step(ctx, step)
+
+    def train_step(self, ctx: PruneContext, step: int) -> None:
+        """One update of s on the batch of this step's data position, with its curves and checkpoint."""
+        self.snapshot(step)
+        ratio, budget = self.stage_budget(step)
+        B = self.cfg.batch_size
+        rows = self.order[(torch.arange(B) + step * B) % len(self.data)]
+        # the lr schedule's position: steps skipped whole (nan_policy=skip) do not advance it, as released
+        out = self.trainer.step(self.s, self.data[rows], budget, step - self.records.skipped, self.total)
+        self.records.dropped += out["dropped"]
+        if not out["finite"]:
+            self.non_finite(step, out)
+        if step % self.log_every == 0 or step == self.total - 1:
+            self.record(ctx, step, out, ratio, budget)
+        self.s = out["s"]
+        if self.checkpoint_every and (step + 1) % self.checkpoint_every == 0:
+            self.save_checkpoint(step + 1)
+        if self.on_step:
+            self.on_step(step)
+
+    def stage_budget(self, step: int) -> tuple[float, torch.Tensor]:
+        """(ratio, budget) of the stage `step` is in. At the first step of a later stage (Random-Progressive), s is
+        shifted onto that stage's tighter budget."""
+        first = 0
+        for ratio, n in self.stages:
+            if step < first + n:
+                break
+            first += n
+        budget = self.units.budget(ratio)
+        if step == first and first > 0:
+            self.s = on_budget(logit(self.s), self.units.cost, budget, self.units.group)
+        return ratio, budget
+
+    def non_finite(self, step: int, out: dict) -> None:
+        """A step the trainer could not take: nan_policy=stop checkpoints the state before it and stops; skip
+        counts it and goes on."""
+        if self.cfg.nan_policy == "stop":
+            self.save_checkpoint(step)
+            raise FloatingPointError(
+                f"pg: non-finite loss ({out['loss']}) at step {step}; stopped. The state before this "
+                f"step is checkpointed in {self.run_dir} (resume=true continues from it; try dtype=float32, "
+                f"or pg nan_policy=skip as the released code does).")
+        self.records.skipped += 1
+        log.warning("pg: every sample's loss non-finite at step %d; step skipped", step)
+
+    def record(self, ctx: PruneContext, step: int, out: dict, ratio: float, budget: torch.Tensor) -> None:
+        """The curves of the s this step sampled from, to the records, the run's logger and the log."""
+        units, s = self.units, self.s
+        # the top-s mask on the held-out probe batch
+        top_loss = float(self.trainer.losses(self.probe, units.mask_from_plan(units.final_plan(s, ratio))[None])[0])
+        rec = {"step": step, "loss": out["loss"], "top_s_loss": top_loss, "delta": out["delta"],
+               "lr": out["lr"], "s_mean": float(s.mean()), "s_entropy": entropy(s),
+               "kept_fraction": units.kept_fraction(s),
+               "budget_fraction": float(budget.sum() / units.group_cost.sum()), "stage_ratio": ratio,
+               **{f"s_mean_{k}": v for k, v in units.kind_means(s).items()}}
+        self.records.curves.append(rec)
+        expected = units.expected_layer_sparsity(s)
+        self.records.sparsity_curve.append({"step": step, "expected": expected})
+        ctx.logger.log({**{f"{self.name}/{k}": v for k, v in rec.items() if k != "step"},
+                        **{f"{self.name}/expected_sparsity/layer_{i:02d}": e
+                           for i, e in zip(units.layers, expected)}}, step=step)
+        log.info("pg step %d/%d loss %.4f top-s %.4f delta %.4f kept %.4f/%.4f H(s) %.4f (%.1f s)",
+                 step, self.total, rec["loss"], top_loss, rec["delta"], rec["kept_fraction"],
+                 rec["budget_fraction"], rec["s_entropy"], time.perf_counter() - self.t0)
+
+    def finish(self, ctx: PruneContext) -> KeepPlan:
+        """The last snapshot and checkpoint, the final top-s plan, results.json's method_extras.pg and the plot."""
+        self.snapshot(self.total)
+        self.save_checkpoint(self.total)
+        plan = self.units.final_plan(self.s, ctx.ratio)
+        ctx.extras["pg"] = self.summary()
+        if self.plot and self.run_dir:
             ctx.extras["pg"]["plot"] = plot_layer_sparsity(
-                ctx.structure, plan, out_dir, f"{self.name} init={self.init.name} ratio={ctx.ratio} ({total} steps)")
+                ctx.structure, plan, self.run_dir,
+                f"{self.name} init={self.init.name} ratio={ctx.ratio} ({self.total} steps)")
         return plan
+
+    def summary(self) -> dict:
+        """The run for results.json: schedule, settings, curves and the final s."""
+        units, s = self.units, self.s
+        return {
+            "steps": self.total, "steps_this_run": self.total - self.start,
+            "optimize_wall_s": time.perf_counter() - self.t0, "stages": [list(x) for x in self.stages],
+            "init": self.init.name, "units": units.n, "skipped_nan": self.records.skipped,
+            "dropped_nan_samples": self.records.dropped,
+            "settings": {**asdict(self.cfg), "granularity": self.granularity, "allocation": self.allocation,
+                         "budget": self.budget_mode, "gqa_unit": self.gqa_unit, "n_segments": len(self.data),
+                         "steps": self.steps, "sample_seed": self.sample_seed},
+            "curves": self.records.curves, "expected_layer_sparsity": self.records.sparsity_curve,
+            "layers": units.layers,
+            "final_s": {"mean": float(s.mean()), "entropy": entropy(s), "kind_means": units.kind_means(s),
+                        "kept_fraction": units.kept_fraction(s),
+                        "frac_near_binary": float(((s < 0.05) | (s > 0.95)).double().mean())},
+            "snapshots": sorted(x for x in self.snapshot_steps if x <= self.total),
+        }

@@ -58,11 +58,24 @@ def token_losses(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 1) -> tor
 
 
 class Trainer:
+    """Computes the sampled losses and the update of s. Owns the mask sampler's generator and the loss baseline, the
+    state a resumed run restores (state_dict / load_state_dict)."""
+
     def __init__(self, model, table: UnitTable, cfg: PGSettings, gen: torch.Generator):
         self.model, self.table, self.cfg, self.gen = model, table, cfg, gen
         self.masker = Masker(table.s)
         self.baseline = Baseline(cfg.baseline, cfg.window, cfg.delta0)
         self.device = next(model.parameters()).device
+
+    def state_dict(self) -> dict:
+        """What a resumed trainer needs to continue exactly as an uninterrupted one: the sampler's RNG state (uint8
+        tensor) and the baseline's history (floats)."""
+        return {"rng": self.gen.get_state(), "baseline": list(self.baseline.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state_dict()."""
+        self.gen.set_state(state["rng"])
+        self.baseline.history = list(state["baseline"])
 
     def __enter__(self) -> "Trainer":
         if not self.cfg.sparse_forward:
