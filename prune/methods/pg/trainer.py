@@ -1,10 +1,10 @@
 """One policy-gradient step: sample N_s masks, evaluate their losses, REINFORCE, project (see policy.py).
 
 Loss paths (all give L(m) = mean next-token cross-entropy, fp32, over the batch's B x (T-1) targets):
-- masked (default): N_s forwards of B rows, each with one shared mask (as the released code). On this 2-core CPU
-  one forward of 16 rows costs 2.7 s against 2 x 1.05 s for two of 8 rows (SmolLM2, bf16), hence the default.
+- masked (default): N_s forwards of B rows, each with one shared mask (as the released code); on a CPU one wide
+  forward was slower than N_s narrow ones (README.md, "Step cost in an earlier session"), hence the default.
 - masked, batched=true: the N_s masks go in one forward of N_s x B rows, each row with its sample's per-sample
-  mask (masks.py supports (B, n) masks); wider batches may pay off on a GPU (not measured here).
+  mask (masks.py supports (B, n) masks), for accelerators where a wider batch is cheaper than more forwards.
   Shapes: input (N_s*B, T), unit masks (N_s*B, n), losses (N_s,).
 - sparse_forward: N_s forwards of B rows, each sub-network run with its kept rows/columns gathered (sparse.py).
 Each sample's mask covers the whole batch of 8, as in the paper and the released code.
@@ -47,8 +47,7 @@ def token_losses(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 1) -> tor
 
     NLL = logsumexp(logits) - logit[target], upcast to fp32 `chunk` rows at a time: the same value as
     F.cross_entropy on fp32 logits, without materialising the (R, T, V) fp32 copy and log-softmax. One row at a
-    time keeps the fp32 block (T x 49k x 4 B = 25 MB on SmolLM2) near the cache: 0.13 s for 8 x 128 tokens on this
-    CPU against 0.22 s in blocks of 4 rows and ~0.4 s for F.cross_entropy on the whole fp32 copy."""
+    time (the default) keeps the fp32 block (T x V x 4 bytes) small enough to stay near the cache."""
     out = []
     for r in range(0, logits.shape[0], chunk):
         lg = logits[r:r + chunk, :-1].float()  # (c, T-1, V)
