@@ -23,6 +23,15 @@ def eval_windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     return ids[: n * seq_len].view(n, seq_len)
 
 
+def ppl_windows(cfg, tokenizer, max_windows: int | None = None) -> dict[str, torch.Tensor]:
+    """{dataset: (W, T) windows} of the run's evaluate.ppl datasets, the first `max_windows` of each (default:
+    evaluate.ppl.max_windows; None = all): what sweeps score with masks on one model load."""
+    ev = cfg.evaluate.ppl
+    n = max_windows or ev.get("max_windows")
+    return {d: eval_windows(eval_tokens(tokenizer, d, ev.splits[d], cfg.data.root), ev.seq_len)[:n]
+            for d in ev.datasets}
+
+
 @torch.no_grad()
 def window_nll(model, windows: torch.Tensor, batch_size: int, desc: str = "ppl") -> torch.Tensor:
     """Per-token NLL, fp32, for every window: (n_windows, seq_len - 1)."""

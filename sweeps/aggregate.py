@@ -47,11 +47,11 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 
+from llmsp.config import CONF_DIR as CONF
+from llmsp.config import compose_config
 from llmsp.sweeps import paper_table
 from llmsp.sweeps.paper_table import norm as _norm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONF = os.path.join(ROOT, "conf")
 DASH = "–"
 # every --scale paper run evaluates in fp16 on the GPU, the precision the papers' numbers come from
 PAPER_OVERRIDES = ["evaluate.dtype=float16"]
@@ -109,10 +109,7 @@ def sweeps(exp: DictConfig, scale: str) -> tuple[list[str], list[Sweep]]:
 
 def compose_point(table: str, overrides: list[str]) -> DictConfig:
     """The resolved run config of one grid point, as run.py would see it."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(CONF, version_base="1.3"):
-        cfg = compose("config", overrides=[f"+experiment={table}", *overrides])
+    cfg = compose_config([f"+experiment={table}", *overrides])
     return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
 
 

@@ -27,7 +27,7 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from llmsp.prune.data import PROJECT_DIR
 GRADIENT_METHODS = {"mini_llm", "llm_pruner"}
 
 
@@ -82,7 +82,7 @@ def run_one(name: str, args, extra: list[str]) -> dict:
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--dtype", args.dtype,
            "--device", args.device, *sum((["--set", e] for e in extra), [])]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", TQDM_DISABLE="1")
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=PROJECT_DIR)
     if p.returncode != 0:
         raise RuntimeError(f"{name} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])

@@ -15,20 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
 import torch
-from omegaconf import OmegaConf
 
+from llmsp.config import compose_config  # noqa: E402
 from llmsp.prune.methods.pg.trainer import PGSettings, Trainer  # noqa: E402
 from llmsp.prune.methods.pg.units import UnitTable  # noqa: E402
 from llmsp.prune.models import load_model, resolve_dtype  # noqa: E402
 from llmsp.prune.structure import discover  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def median_time(fn, reps: int, warmup: int = 1) -> float:
     for _ in range(warmup):
@@ -55,7 +51,7 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    model, _ = load_model(OmegaConf.load(os.path.join(ROOT, "conf", "model", f"{a.model}.yaml")),
+    model, _ = load_model(compose_config([f"model={a.model}"]).model,
                           resolve_dtype(a.dtype), torch.device("cpu"))
     s = discover(model)
     g = torch.Generator().manual_seed(0)

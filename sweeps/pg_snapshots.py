@@ -23,9 +23,6 @@ import os
 import re
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def spearman(a, b) -> float:
     """Spearman's rank correlation of two (n,) tensors (average ranks are not needed: s has no exact ties in
     practice, and a tie only shifts a rank by one)."""
@@ -78,31 +75,21 @@ def main(argv=None) -> list[dict]:
 
     from omegaconf import OmegaConf
 
-    from llmsp.evaluate.ppl import eval_windows, window_nll
-    from llmsp.prune.allocation import model_ratio
-    from llmsp.prune.data import eval_tokens
+    from llmsp.evaluate.ppl import ppl_windows, window_nll
     from llmsp.prune.masks import Masker
     from llmsp.prune.methods.pg import state as ckpt
-    from llmsp.prune.methods.pg.units import UnitTable
-    from llmsp.prune.models import load_model, resolve_device, resolve_dtype
+    from llmsp.prune.pipeline import build_method
     from llmsp.prune.results import write_json
-    from llmsp.prune.structure import discover
+    from llmsp.prune.run_setup import load_run
 
     paths = sorted(glob.glob(os.path.join(args.run_dir, "pg_s_step*.safetensors")))
     if not paths:
         sys.exit(f"no pg_s_step*.safetensors in {args.run_dir}: run method=pg with method.snapshot_steps=[...]")
     cfg = OmegaConf.load(os.path.join(args.run_dir, ".hydra", "config.yaml"))
-    ev, m = cfg.evaluate.ppl, cfg.method
-    model, tok = load_model(cfg.model, resolve_dtype(cfg.dtype), resolve_device(cfg.device), cfg.seed)
-    s = discover(model)
-    ratio = model_ratio(s, float(cfg.ratio), cfg.ratio_of)
-    layers = list(range(cfg.layer_range.first, s.num_layers - cfg.layer_range.last))
-    table = UnitTable(s, layers, m.granularity, m.gqa_unit, m.budget, m.allocation)
-    max_windows = args.max_windows or ev.get("max_windows")
-    windows = {}
-    for d in ev.datasets:
-        ids = eval_tokens(tok, d, ev.splits[d], cfg.data.root)
-        windows[d] = eval_windows(ids, ev.seq_len)[:max_windows]  # (W, T)
+    setup = load_run(cfg)
+    model, s, ratio, ev = setup.model, setup.structure, setup.ctx.ratio, cfg.evaluate.ppl
+    table = build_method(cfg).table(setup.ctx)
+    windows = ppl_windows(cfg, setup.tokenizer, args.max_windows)
     snaps = {int(re.search(r"step(\d+)", p).group(1)): None for p in paths}
     snaps = {k: ckpt.load_snapshot(args.run_dir, k) for k in snaps}
     stats = drift(table, snaps, ratio) if 0 in snaps else {}

@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(argv=None) -> dict:
@@ -35,25 +32,16 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
 
     import torch
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
-    from llmsp.prune.allocation import model_ratio
-    from llmsp.prune.memory import StageMeter
-    from llmsp.prune.methods.base import PruneContext
+    from llmsp.config import compose_config
     from llmsp.prune.methods.pg.policy import Baseline, sample_masks, score_gradient
-    from llmsp.prune.models import load_model, resolve_device, resolve_dtype
     from llmsp.prune.pipeline import build_method
-    from llmsp.prune.structure import discover
+    from llmsp.prune.run_setup import load_run
 
-    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["method=pg", *overrides])
+    cfg = compose_config(["method=pg", *overrides])
     method = build_method(cfg)
-    model, tok = load_model(cfg.model, resolve_dtype(cfg.dtype), resolve_device(cfg.device), cfg.seed)
-    st = discover(model)
-    ratio = model_ratio(st, float(cfg.ratio), cfg.ratio_of)
-    ctx = PruneContext(model, tok, st, ratio, cfg.layer_range.first, cfg.layer_range.last, cfg.allocation,
-                       OmegaConf.to_container(cfg.calibration, resolve=True), cfg.data.root, cfg.seed, StageMeter("cpu"))
+    setup = load_run(cfg)
+    ctx, model, ratio = setup.ctx, setup.model, setup.ctx.ratio
     table = method.table(ctx)
     s = method.init.init(ctx, table, ratio).double()
     pc = method.cfg

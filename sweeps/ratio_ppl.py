@@ -19,7 +19,7 @@ import json
 import math
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from llmsp.prune.data import PROJECT_DIR
 
 
 def main(argv=None) -> dict:
@@ -27,50 +27,37 @@ def main(argv=None) -> dict:
     ap.add_argument("--methods", nargs="+", default=["mini_llm", "llm_pruner", "sparsegpt_sp"])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3])
     ap.add_argument("--max-windows", type=int, default=None)
-    ap.add_argument("--out-dir", default=os.path.join(ROOT, "outputs", "ratio_ppl"))
+    ap.add_argument("--out-dir", default=os.path.join(PROJECT_DIR, "outputs", "ratio_ppl"))
     ap.add_argument("--set", action="append", default=[], help="Hydra override for every method")
     args = ap.parse_args(argv)
 
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from llmsp.evaluate.ppl import eval_windows, window_nll
-    from llmsp.prune.allocation import select
-    from llmsp.prune.data import eval_tokens
+    from llmsp.config import compose_config
+    from llmsp.evaluate.ppl import ppl_windows, window_nll
+    from llmsp.prune.allocation import model_ratio, select
     from llmsp.prune.masks import Masker
-    from llmsp.prune.memory import StageMeter
-    from llmsp.prune.methods.base import PruneContext
-    from llmsp.prune.models import load_model, resolve_device, resolve_dtype
     from llmsp.prune.pipeline import build_method
     from llmsp.prune.plan import KeepPlan
     from llmsp.prune.results import write_json
-    from llmsp.prune.structure import discover
+    from llmsp.prune.run_setup import load_run
 
     windows, table = {}, {}
     for name in args.methods:
-        with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
-            same_x = ["method.act_samples=${calibration.n_samples}"] if name in ("mini_llm", "llm_pruner") else []
-            cfg = compose("config", overrides=[f"method={name}", *same_x, *args.set])
-        ev = cfg.evaluate.ppl
-        dev = resolve_device(cfg.device)
-        meter = StageMeter(dev)
-        model, tok = load_model(cfg.model, resolve_dtype(cfg.dtype), dev, cfg.seed)
-        s = discover(model)
-        for d in ev.datasets:
-            if d not in windows:
-                ids = eval_tokens(tok, d, ev.splits[d], cfg.data.root)
-                windows[d] = eval_windows(ids, ev.seq_len)[: args.max_windows]  # (W, T)
+        same_x = ["method.act_samples=${calibration.n_samples}"] if name in ("mini_llm", "llm_pruner") else []
+        cfg = compose_config([f"method={name}", f"ratio={args.ratios[0]}", *same_x, *args.set])  # sequential scorers
+        setup = load_run(cfg)
+        model, s, meter, ev = setup.model, setup.structure, setup.meter, cfg.evaluate.ppl
+        windows = windows or ppl_windows(cfg, setup.tokenizer, args.max_windows)
         method = build_method(cfg)
         ratios = [0.0] if name == "dense" else args.ratios
         scores = None
         if name != "dense":
-            ctx = PruneContext(model, tok, s, ratios[0], cfg.layer_range.first, cfg.layer_range.last, cfg.allocation,
-                               OmegaConf.to_container(cfg.calibration, resolve=True), cfg.data.root, cfg.seed, meter)
             with meter.stage("prune"):
-                scores = method.scores(ctx)
+                scores = method.scores(setup.ctx)
         for r in ratios:
-            plan = KeepPlan.full(s) if scores is None else select(s, scores, r, cfg.layer_range.first,
-                                                                   cfg.layer_range.last, cfg.allocation,
+            plan = KeepPlan.full(s) if scores is None else select(s, scores, model_ratio(s, r, cfg.ratio_of),
+                                                                   setup.ctx.first, setup.ctx.last, cfg.allocation,
                                                                    method.heads, method.channels)
             out = os.path.join(args.out_dir, f"{name}_r{r}")
             os.makedirs(out, exist_ok=True)
@@ -87,7 +74,7 @@ def main(argv=None) -> dict:
             table[(name, r)] = ppl
             print(json.dumps({"method": name, "ratio": r, "achieved": round(plan.achieved_ratio(s), 4), **ppl}),
                   flush=True)
-        del model
+        del model, setup
     return table
 
 

@@ -22,7 +22,8 @@ import subprocess
 import sys
 
 
-from llmsp.sweeps.aggregate import ROOT, Sweep, aggregate, load_experiment, log_to_wandb, sweeps, to_markdown  # noqa: E402
+from llmsp.prune.data import PROJECT_DIR  # noqa: E402
+from llmsp.sweeps.aggregate import Sweep, aggregate, load_experiment, log_to_wandb, sweeps, to_markdown  # noqa: E402
 
 log = logging.getLogger("run_table")
 
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
         print(shlex.join(cmd), flush=True)
         if a.dry_run:
             continue
-        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        if subprocess.run(cmd, cwd=PROJECT_DIR).returncode != 0:
             log.warning("sweep %s failed (or one of its jobs did); its missing cells will show as –", sw.name)
             failed.append(sw.name)
     if a.dry_run or a.no_aggregate:

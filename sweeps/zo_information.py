@@ -20,14 +20,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import time
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -50,35 +45,43 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", help="write the results as JSON")
     args = ap.parse_args(argv)
 
-    from llmsp.evaluate.ppl import eval_windows, window_nll
-    from llmsp.prune.allocation import select
-    from llmsp.prune.data import eval_tokens
-    from llmsp.prune.masks import Masker
-    from llmsp.prune.memory import StageMeter
-    from llmsp.prune.methods.base import PruneContext
-    from llmsp.prune.methods.gradient_scoring import BackpropGradients, ZOGradients, scored_weights
-    from llmsp.prune.models import load_model, resolve_device, resolve_dtype
+    from llmsp.config import compose_config
+    from llmsp.evaluate.ppl import ppl_windows
     from llmsp.prune.pipeline import build_method
-    from llmsp.prune.structure import discover
+    from llmsp.prune.run_setup import load_run
 
-    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["method=mini_llm", *args.set])
-    device = resolve_device(cfg.device)
-    model, tok = load_model(cfg.model, resolve_dtype(cfg.dtype), device, cfg.seed)
-    s = discover(model)
-    ctx = PruneContext(model, tok, s, 0.0, cfg.layer_range.first, cfg.layer_range.last, "uniform",
-                       OmegaConf.to_container(cfg.calibration, resolve=True), cfg.data.root, cfg.seed,
-                       StageMeter(device))
-    method = build_method(cfg)
-    act, grad = method.calibration_data(ctx)  # (128, 128), (10, 64)
+    cfg = compose_config(["method=mini_llm", *args.set])
+    setup, method = load_run(cfg), build_method(cfg)
+    act, grad = method.calibration_data(setup.ctx)  # (128, 128), (10, 64)
+    variants, cost = score_variants(setup, method, act, grad, args.n_perturbations)
+    windows = ppl_windows(cfg, setup.tokenizer, args.max_windows)
+    results = {"config": {"model": cfg.model.name, "dtype": cfg.dtype, "eps": method.eps,
+                          "grad_samples": list(grad.shape), "act_samples": list(act.shape), "max_windows": args.max_windows,
+                          "layers": [setup.ctx.prunable[0], setup.ctx.prunable[-1]]},
+               "dense": ppl(setup, windows), "variants": {}}
+    for name, sc in variants.items():
+        results["variants"][name] = row = compare(setup, sc, variants["fms_backprop"], cost[name], args.ratios, windows)
+        print(json.dumps({name: row}), flush=True)
+    print_table(results, args.ratios, list(windows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+def score_variants(setup, method, act, grad, n_perturbations: list[int]) -> tuple[dict, dict]:
+    """({variant: unit scores}, {variant: {"forwards", "seconds"}}) of every variant in the module docstring."""
+    from llmsp.prune.methods.gradient_scoring import BackpropGradients, ZOGradients, scored_weights
+
+    ctx, model, cfg = setup.ctx, setup.model, setup.cfg
     stats = method._activations(ctx, act)
-    named = scored_weights(s, ctx.prunable)
+    named = scored_weights(ctx.structure, ctx.prunable)
     bs = method.grad_batch_size
 
     def score(criterion: str, grads) -> dict:
         m = copy.copy(method)
         m.criterion = criterion
-        return m.unit_scores(s, m.importance(stats, grads), ctx.prunable)
+        return m.unit_scores(ctx.structure, m.importance(stats, grads), ctx.prunable)
 
     variants, cost = {}, {}
     t = time.perf_counter()
@@ -88,13 +91,13 @@ def main(argv=None) -> dict:
                                                                         "forwards": bp.n_batches, "backwards": bp.n_batches}
     del bp
     variants["wx"], cost["wx"] = score("wx", None), {"forwards": 0}
-    n_max = max(args.n_perturbations)
+    n_max = max(n_perturbations)
     t = time.perf_counter()
     zo = ZOGradients(named, method.eps, n_max, cfg.seed)
     zo.run(model, grad, bs)
     seconds = time.perf_counter() - t
     batches = -(-len(grad) // bs)
-    for n in sorted(args.n_perturbations):
+    for n in sorted(n_perturbations):
         zo.keep_first(n)
         variants[f"fms_zo_n{n}"] = score("wxg", zo)
         cost[f"fms_zo_n{n}"] = {"forwards": 2 * n * batches}  # the smaller n are not timed: they are prefixes
@@ -104,46 +107,44 @@ def main(argv=None) -> dict:
     null.run(model, grad, bs)
     variants["fms_null"], cost["fms_null"] = score("wxg", null), {"seconds": time.perf_counter() - t,
                                                                   "forwards": 2 * batches}
-    ref = variants["fms_backprop"]
-    windows = {d: eval_windows(eval_tokens(tok, d, cfg.evaluate.ppl.splits[d], cfg.data.root),
-                               cfg.evaluate.ppl.seq_len)[:args.max_windows] for d in cfg.evaluate.ppl.datasets}
+    return variants, cost
 
-    def ppl(masker=None) -> dict:
-        out = {}
-        for d, w in windows.items():
-            if masker is None:
-                out[d] = float(window_nll(model, w, cfg.evaluate.ppl.batch_size).mean().exp())
-            else:
-                with masker:
-                    out[d] = float(window_nll(model, w, cfg.evaluate.ppl.batch_size).mean().exp())
-        return out
 
-    results = {"config": {"model": cfg.model.name, "dtype": cfg.dtype, "eps": method.eps,
-                          "grad_samples": list(grad.shape), "act_samples": list(act.shape), "max_windows": args.max_windows,
-                          "layers": [ctx.prunable[0], ctx.prunable[-1]]},
-               "dense": ppl(), "variants": {}}
-    for name, sc in variants.items():
-        row = {"spearman_channels": mean_corr(sc, ref, "channels", ctx.prunable),
-               "spearman_heads": mean_corr(sc, ref, "heads", ctx.prunable), **cost[name], "ppl": {}}
-        for r in args.ratios:
-            plan = select(s, sc, r, ctx.first, ctx.last, "uniform")
-            row["ppl"][str(r)] = ppl(Masker(s, plan))
-        results["variants"][name] = row
-        print(json.dumps({name: row}), flush=True)
-    ds = list(windows)
-    print(f"\n{cfg.model.name} {cfg.dtype}, eps {method.eps}, gradient {tuple(grad.shape)}, activations "
-          f"{tuple(act.shape)}, first {args.max_windows} windows; dense " +
+def ppl(setup, windows: dict, plan=None) -> dict:
+    """{dataset: PPL} of the model, under `plan`'s masks when given."""
+    from contextlib import nullcontext
+
+    from llmsp.evaluate.ppl import window_nll
+    from llmsp.prune.masks import Masker
+
+    with Masker(setup.structure, plan) if plan is not None else nullcontext():
+        return {d: float(window_nll(setup.model, w, setup.cfg.evaluate.ppl.batch_size).mean().exp())
+                for d, w in windows.items()}
+
+
+def compare(setup, scores: dict, ref: dict, cost: dict, ratios: list[float], windows: dict) -> dict:
+    """A variant's row: rank correlations with the backprop reference, its cost, and PPL at each ratio."""
+    from llmsp.prune.allocation import select
+
+    ctx = setup.ctx
+    row = {"spearman_channels": mean_corr(scores, ref, "channels", ctx.prunable),
+           "spearman_heads": mean_corr(scores, ref, "heads", ctx.prunable), **cost, "ppl": {}}
+    for r in ratios:
+        row["ppl"][str(r)] = ppl(setup, windows, select(ctx.structure, scores, r, ctx.first, ctx.last, "uniform"))
+    return row
+
+
+def print_table(results: dict, ratios: list[float], ds: list[str]) -> None:
+    c = results["config"]
+    print(f"\n{c['model']} {c['dtype']}, eps {c['eps']}, gradient {tuple(c['grad_samples'])}, activations "
+          f"{tuple(c['act_samples'])}, first {c['max_windows']} windows; dense " +
           ", ".join(f"{d} {v:.2f}" for d, v in results["dense"].items()))
-    head = " | ".join(f"{d} {int(r * 100)}%" for r in args.ratios for d in ds)
+    head = " | ".join(f"{d} {int(r * 100)}%" for r in ratios for d in ds)
     print(f"| variant | ρ channels | ρ heads | extra forwards | {head} |")
-    print("|---" * (4 + len(ds) * len(args.ratios)) + "|")
+    print("|---" * (4 + len(ds) * len(ratios)) + "|")
     for name, row in results["variants"].items():
-        cells = " | ".join(f"{row['ppl'][str(r)][d]:.2f}" for r in args.ratios for d in ds)
+        cells = " | ".join(f"{row['ppl'][str(r)][d]:.2f}" for r in ratios for d in ds)
         print(f"| {name} | {row['spearman_channels']:.3f} | {row['spearman_heads']:.3f} | {row['forwards']} | {cells} |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-    return results
 
 
 if __name__ == "__main__":

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import torch
 
-from omegaconf import OmegaConf  # noqa: E402
+from llmsp.config import compose_config  # noqa: E402
 
 from llmsp.prune.data import calibration_batch  # noqa: E402
 from llmsp.prune.methods.gradient_scoring import scored_weights  # noqa: E402
@@ -22,17 +21,14 @@ from llmsp.prune.methods.zo_gradient import SPSA, lm_loss  # noqa: E402
 from llmsp.prune.models import load_model, resolve_dtype  # noqa: E402
 from llmsp.prune.structure import discover  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def measure(model_name: str, dtype: str, eps_list: list[float], n: int, first: int, last: int) -> list[dict]:
-    cfg = OmegaConf.load(os.path.join(ROOT, "conf", "model", f"{model_name}.yaml"))
-    model, tok = load_model(cfg, resolve_dtype(dtype), torch.device("cpu"))
+    cfg = compose_config([f"model={model_name}"])
+    model, tok = load_model(cfg.model, resolve_dtype(dtype), torch.device("cpu"))
     s = discover(model)
     named = scored_weights(s, list(range(first, s.num_layers - last)))
     linears = [lin for _, lin in named]
     weights = [lin.weight for lin in linears]
-    batch = calibration_batch(tok, "c4", 1, 128, 0, os.path.join(ROOT, "..", "shared", "data"))  # (1, T)
+    batch = calibration_batch(tok, "c4", 1, 128, 0, cfg.data.root)  # (1, T)
     rows = []
     with torch.no_grad():
         for eps in eps_list:

@@ -17,11 +17,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 import llmsp.prune.methods.base as base
 from conftest import ROOT, model_cfg
+from llmsp.config import compose_config
 from llmsp.prune.allocation import max_removable, model_ratio
 from llmsp.prune.memory import StageMeter
 from llmsp.prune.methods.base import PruneContext
@@ -55,8 +55,7 @@ def load(name: str) -> dict:
 @pytest.fixture(scope="module")
 def released():
     """(ctx, composed pg_released method, its unit table) on SmolLM2 in float32, 30% of the layers, all layers."""
-    with initialize_config_dir(os.path.join(ROOT, "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["method=pg_released", "init=wanda_sp_released", "layer_range=all"])
+    cfg = compose_config(["method=pg_released", "init=wanda_sp_released", "layer_range=all"])
     method = instantiate(cfg.method, _convert_="all")
     model, tok = load_model(model_cfg("smollm2_135m"), torch.float32, torch.device("cpu"))
     s = discover(model)

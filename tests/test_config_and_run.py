@@ -8,14 +8,14 @@ import sys
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import ROOT, tiny_model
+from llmsp.config import CONF_DIR as CONF
+from llmsp.config import compose_config
 from llmsp.evaluate.ppl import perplexity
 from llmsp.prune.data import calibration_batch, load_rows
 
-CONF = os.path.join(ROOT, "conf")
 GROUPS = [g for g in ("model", "method", "calibration", "layer_range", "evaluate", "reconstruct", "recover", "logger",
                       "init")
           if os.path.isdir(os.path.join(CONF, g))]
@@ -27,16 +27,14 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes(group, option):
-    with initialize_config_dir(CONF, version_base="1.3"):
-        cfg = compose("config", overrides=[f"{group}={option}"])
+    cfg = compose_config([f"{group}={option}"])
     OmegaConf.to_container(cfg, resolve=True)
     assert cfg[group] is not None
 
 
 @pytest.mark.parametrize("launcher", options("hydra/launcher"))
 def test_launchers_compose(launcher):
-    with initialize_config_dir(CONF, version_base="1.3"):
-        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    cfg = compose_config([f"hydra/launcher={launcher}"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_
     if launcher == "slurm":
         for key in ("partition", "timeout_min", "gpus_per_node", "mem_gb", "array_parallelism"):

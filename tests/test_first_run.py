@@ -10,10 +10,10 @@ import sys
 import types
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import ROOT
+from llmsp.config import compose_config
 from llmsp.prune.datacheck import check_files
 from llmsp.prune.logger import make_logger
 from test_config_and_run import TINY_RUN, run_py
@@ -94,8 +94,7 @@ def test_multirun_reports_every_failed_job_and_keeps_results(tmp_path):
 
 
 def compose_cfg(*overrides):
-    with initialize_config_dir(os.path.join(ROOT, "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose_config(overrides)
 
 
 def test_tiny_models_default_to_a_layer_range_that_works():

@@ -8,9 +8,9 @@ import os
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from llmsp.config import compose_config
 from llmsp.prune.memory import StageMeter
 from llmsp.prune.methods.base import PruneContext
 from llmsp.prune.methods.gradient_scoring import GradientScoring
@@ -19,7 +19,7 @@ from llmsp.prune.methods.zo_gradient import SPSA, lm_loss
 from llmsp.prune.models import load_model
 from llmsp.prune.structure import discover
 from llmsp.sweeps.similarity import compare, main as similarity_main
-from conftest import ROOT, tiny_model
+from conftest import tiny_model
 
 
 def _micro_model():
@@ -230,16 +230,13 @@ def test_sparsegpt_saliency_matches_hand_computation():
     assert torch.equal(scores["channels"][0], torch.ones(s.layers[0].n_channels))  # outside the range
 
 
-def _compose(overrides):
-    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
-        return compose("config", overrides=overrides)
 
 
 def test_gradient_methods_pin_bookcorpus():
     for m in ("mini_llm", "llm_pruner"):
-        assert _compose([f"method={m}"]).calibration.dataset == "bookcorpus"
-        assert _compose([f"method={m}", "calibration=c4"]).calibration.dataset == "c4"
-    assert _compose(["method=sparsegpt_sp"]).calibration.dataset == "c4"
+        assert compose_config([f"method={m}"]).calibration.dataset == "bookcorpus"
+        assert compose_config([f"method={m}", "calibration=c4"]).calibration.dataset == "c4"
+    assert compose_config(["method=sparsegpt_sp"]).calibration.dataset == "c4"
 
 
 @pytest.mark.parametrize("method,extra", [("mini_llm", ["method.act_samples=4"]),
@@ -249,7 +246,7 @@ def test_gradient_methods_pin_bookcorpus():
 def test_methods_run_end_to_end(method, extra, tmp_path, data_root):
     from llmsp.prune.pipeline import run
 
-    cfg = _compose([f"method={method}", "model=tiny_llama_gqa", "ratio=0.3", "layer_range=all", "calibration=c4",
+    cfg = compose_config([f"method={method}", "model=tiny_llama_gqa", "ratio=0.3", "layer_range=all", "calibration=c4",
                     "calibration.n_samples=4", "calibration.seq_len=32", "dtype=float32", "evaluate.ppl.datasets=[ptb]",
                     "evaluate.ppl.max_windows=2", f"data.root={data_root}", *extra])
     r = run(cfg, str(tmp_path))

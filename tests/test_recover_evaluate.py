@@ -10,10 +10,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from torch import nn
 
-from conftest import ROOT, TINY, tiny_model
+from conftest import TINY, tiny_model
+from llmsp.config import compose_config
 from llmsp.evaluate.efficiency import macs, measure, report
 from llmsp.evaluate.generate import generate
 from llmsp.evaluate.lmeval import task_manager
@@ -137,9 +137,8 @@ def test_lora_on_heterogeneous_pruned_model_merges_and_saves(name, tmp_path):
 
 
 def recover_cfg(tmp_path, **over):
-    with initialize_config_dir(os.path.join(ROOT, "conf"), version_base="1.3"):
-        return compose("config", overrides=["model=tiny_llama_gqa", "recover=lora_alpaca", "data.root=" + str(tmp_path),
-                                            *[f"{k}={v}" for k, v in over.items()]])
+    return compose_config(["model=tiny_llama_gqa", "recover=lora_alpaca", "data.root=" + str(tmp_path),
+                           *[f"{k}={v}" for k, v in over.items()]])
 
 
 def test_run_recovery_reports_curve_and_time(tmp_path):
@@ -165,9 +164,8 @@ def test_run_recovery_reports_curve_and_time(tmp_path):
 
 
 def test_recover_configs_match_the_papers():
-    with initialize_config_dir(os.path.join(ROOT, "conf"), version_base="1.3"):
-        a = compose("config", overrides=["recover=lora_alpaca"]).recover
-        b = compose("config", overrides=["recover=lora_alpaca_4k"]).recover
+    a = compose_config(["recover=lora_alpaca"]).recover
+    b = compose_config(["recover=lora_alpaca_4k"]).recover
     assert (a.lora.r, a.lora.alpha, a.lora.dropout, a.lr, a.epochs, a.batch_size, a.cutoff_len) == (8, 16, 0.05, 1e-4, 2, 64, 256)
     assert (b.lora.r, b.lora.alpha, b.data.n_samples, b.cutoff_len) == (16, 10, 4000, 1024)
     assert a.lora.target_modules == b.lora.target_modules == "all-linear"
@@ -285,11 +283,9 @@ def test_evaluate_dtype_float32_runs_a_bf16_model_in_fp32_and_casts_back(data_ro
     seen = []
     model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     for dtype, want in (("float32", torch.float32), ("null", torch.bfloat16)):
-        with initialize_config_dir(os.path.join(ROOT, "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=["model=tiny_llama_gqa", "dtype=bfloat16", f"evaluate.dtype={dtype}",
-                                               "evaluate.ppl.datasets=[ptb]", "evaluate.ppl.seq_len=32",
-                                               "evaluate.ppl.batch_size=4", "evaluate.ppl.max_windows=2",
-                                               f"data.root={data_root}"])
+        cfg = compose_config(["model=tiny_llama_gqa", "dtype=bfloat16", f"evaluate.dtype={dtype}",
+                              "evaluate.ppl.datasets=[ptb]", "evaluate.ppl.seq_len=32", "evaluate.ppl.batch_size=4",
+                              "evaluate.ppl.max_windows=2", f"data.root={data_root}"])
         seen.clear()
         results = {}
         run_evaluations(cfg, model, tok, StageMeter(torch.device("cpu")), results, lambda: None)
