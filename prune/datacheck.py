@@ -33,9 +33,7 @@ def needed_files(cfg, method, task_files: list[str] = ()) -> list[str]:
         return []
     files: list[str] = []
     if requested_ratio(cfg) > 0:
-        corpora = {cfg.calibration.dataset, getattr(method, "dataset", None),
-                   getattr(getattr(method, "init", None), "dataset", None)}
-        for name in sorted(c for c in corpora if c):
+        for name in sorted({cfg.calibration.dataset} | method.calibration_datasets()):
             files += calibration_files(name, root)
     ppl = cfg.evaluate.get("ppl")
     if ppl:
