@@ -3,8 +3,8 @@
 Three sources:
 - `gguf_wheel`: a GGUF file shipped inside an installed PyPI wheel (the embedded default, SmolLM2-135M).
   The package is located with `importlib.util.find_spec` and never imported (it imports `llm`).
-  Dequantizing the GGUF takes ~25 s, so the float32 result is cached once as safetensors under
-  $PRUNE_CACHE (default ~/.cache/llm-structured-pruning) and later loads take about a second.
+  Dequantizing the GGUF is slow, so the float32 result is cached once as safetensors under
+  $PRUNE_CACHE (default ~/.cache/llm-structured-pruning) and later loads only read that file.
 - `hub`: `from_pretrained` on a hub id or local directory, with dtype and `device_map` for big models.
 - `tiny`: a random-weight model built from an inline transformers config, with a byte-level tokenizer,
   for fast unit tests. No evidence of pruning quality.

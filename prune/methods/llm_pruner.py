@@ -9,7 +9,7 @@ Calibration: 10 BookCorpus samples of 64 tokens (LLM-Pruner's `get_examples('boo
 gradient of the mean loss over them: one backward per grad_batch_size samples, averaged (equal-length samples, so
 any batch size gives the same G). grad_batch_size 10 (default) is one forward + backward of all samples, as the
 anchor runs it; grad_batch_size 1 with gradient_checkpointing is the memory-lean path (both measured by
-sweeps/bench_memory.py, README). `taylor: second | mix` needs per-sample gradients: grad_batch_size 1.
+sweeps/bench_memory.py, docs/results.md). `taylor: second | mix` needs per-sample gradients: grad_batch_size 1.
 Gradients accumulate into fp32 buffers for the prunable weights only; gradient_checkpointing recomputes each
 decoder layer during backward (less memory, one more forward).
 

@@ -11,18 +11,15 @@ W itself is never written and is bit-identical after any number of perturbations
 Perturbing only the matrices whose Ĝ is used estimates that sub-gradient with lower variance.
 
 Why not perturb W in place (as MeZO-style code does): a bf16 weight rounds on every add, so
-W + εz − 2εz + εz ≠ W. Measured on SmolLM2-135M at ε=1e-2: 10 in-place cycles changed 81% of the
-scored bf16 weights (max |ΔW| 4% of max |W|), and 1010 cycles moved dense WikiText-2 PPL from 57.99
-to 69.93 (first 100 windows); the pruned model kept the drifted weights.
+W + εz − 2εz + εz ≠ W. The error accumulates over perturb/restore cycles, the weights drift (and the
+loss with them), and the pruned model would keep the drifted weights (figures on SmolLM2: docs/results.md,
+"Figures behind module docstrings").
 
-Precision, measured by sweeps/zo_precision.py on SmolLM2-135M (1x128 C4 tokens, the 23 layers of the
-mini_llm range perturbed, 3 perturbations, same seeds for both dtypes; losses always in fp32):
-    mean |L(W+εz) − L(W−εz)|    ε=1e-4     ε=1e-3     ε=1e-2
-    fp32 weights                4.4e-4     4.4e-3     4.1e-2    linear in ε: signal at every ε
-    bf16 weights                2.6e-3     2.2e-3     4.3e-2    rounding noise ~2.5e-3 dominates below 1e-2
-A bf16 perturbed weight round(W ± εz) keeps ~3 significant digits, so ε z below ~1 ulp of the weight
-is rounded into a different direction than z. Safe pairs: (1e-4..1e-2, fp32), (1e-2, bf16); (1e-3,
-bf16) and (1e-4, bf16) are noise (|ΔL| no longer scales with ε, and stays below fp32's signal).
+Precision (sweeps/zo_precision.py measures mean |L(W+εz) − L(W−εz)| per ε and weight dtype, losses in
+fp32; figures in docs/results.md): a bf16 perturbed weight round(W ± εz) keeps ~3 significant digits,
+so ε z below ~1 ulp of the weight is rounded into a different direction than z, and below ε = 1e-2
+rounding noise dominates the signal. Safe pairs: (1e-4..1e-2, fp32), (1e-2, bf16); (1e-3, bf16) and
+(1e-4, bf16) are noise (|ΔL| no longer scales with ε, and stays below fp32's signal).
 """
 from __future__ import annotations
 

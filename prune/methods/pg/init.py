@@ -1,8 +1,8 @@
 """Initial keep-probabilities (the `init` config group). Every init starts *on* the budget: its logits x are shifted
 per budget group, s = sigmoid(x + b_g), with b_g solved so that the expected kept parameters Σ c_i s_i equal the
 group's budget (`on_budget`), as the released code's sigmap(x, target_mean=rate) puts the mean at the keep rate.
-(Projecting instead can only lower s: a Wanda-sp start kept 48.7% of the prunable parameters in expectation against
-a budget of 62%, so every sampled sub-network was far more pruned than the target.) The shift keeps the order.
+(Projecting instead can only lower s: a Wanda-sp start then kept far less of the prunable parameters in expectation
+than the budget, so every sampled sub-network was far more pruned than the target.) The shift keeps the order.
 
 - RandomInit ("random", paper and released code): x ~ spread · N(0, 1) (seeded), shifted to the budget; spread=0
   puts every unit at the same keep rate.
@@ -15,12 +15,12 @@ a budget of 62%, so every sampled sub-network was far more pruned than the targe
   own plan keeps, logit(1 - c) for the rest; c = 0.8), then shifted to the budget.
   sigmoid_norm standardises each layer's heads and each layer's channels separately (norm_scope="layer", default):
   metric scores are not comparable across layers (Wanda-sp's grow with depth on SmolLM2, and one global
-  standardisation made the first 10 layers lose every head: WikiText-2 PPL 9e4 at ratio 0.3). norm_scope="global"
+  standardisation made the first layers lose every head; figures: docs/results.md). norm_scope="global"
   standardises per unit kind over the whole model. Layer scores (depth) are standardised over the layers.
   `normalize` picks what sigmoid_norm feeds the sigmoid:
   - "zscore" (paper Eq. A10 and the released utils.py:29 sigmap): the standardised score. One outlier unit inflates
     a layer's std and puts its other units at z ~ 0, so skewed layers keep nearly everything and the step-0 top-s
-    plan is far worse than the metric's own (SmolLM2 at 30% of the layers: WikiText-2 1385 against Wanda-sp's 369).
+    plan is far worse than the metric's own (SmolLM2's figures: prune/methods/pg/README.md).
   - "rank" (ours): per layer and unit kind, the units the metric's own plan removes get quantiles (0, 1/2) and the
     ones it keeps (1/2, 1), in the order of their scores, q = 1/2 (r + 1)/(k + 1) within each side of k units; then
     x = logit(q). Every removed unit ranks below every kept one, so after the shift onto the budget the step-0 top-s
