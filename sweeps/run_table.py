@@ -11,6 +11,9 @@ has a dense row) this runs
 
 one after another, keeps going when a sweep fails (its cells become "–"), then writes the table with
 sweeps/aggregate.py and, for figure experiments, the plots with sweeps/plots.py.
+
+Every experiment has the smoke and paper scales; one without a cpu scale says why in its config (`no_cpu_scale`),
+and asking it for one prints that reason (docs/experiments.md, "Scales").
 """
 from __future__ import annotations
 
@@ -20,12 +23,22 @@ import os
 import shlex
 import subprocess
 import sys
-
+import textwrap
 
 from llmsp.prune.data import PROJECT_DIR  # noqa: E402
-from llmsp.sweeps.aggregate import Sweep, aggregate, load_experiment, log_to_wandb, sweeps, to_markdown  # noqa: E402
+from llmsp.sweeps.aggregate import (CONF, Sweep, aggregate, load_experiment, log_to_wandb, sweeps,  # noqa: E402
+                                    to_markdown)
 
 log = logging.getLogger("run_table")
+SCALES = {
+    "smoke": "SmolLM2-135M (random-weight tiny_bloom/tiny_opt for the BLOOM/OPT table) with a few calibration samples, "
+             "PPL windows, zero-shot items and optimisation steps: minutes on a CPU. It shows that every run of the "
+             "table works end to end; its numbers are no evidence.",
+    "cpu": "SmolLM2-135M with each method's own calibration budget, PG at the paper's sum of step sizes "
+           "(method=pg_cpu), PPL on the first 100 windows: rows that compare with each other, in one to a few hours "
+           "on 2 CPU cores (the config's opening comment says how long). Only some experiments have it.",
+    "paper": "the paper's models, ratios and settings, evaluated in fp16 (evaluate.dtype=float16): GPU runs.",
+}
 
 
 def _value(v) -> str:
@@ -52,10 +65,34 @@ def command(table: str, scale: str, common: list[str], sw: Sweep, out: str, laun
             f"hydra.job.config.override_dirname.exclude_keys=[{','.join(exclude)}]"]
 
 
+def scales_help() -> str:
+    """The --help epilog: what each scale means, and which experiments have a cpu scale."""
+    lines = ["scales:"]
+    for name, text in SCALES.items():
+        lines += textwrap.wrap(text, 100, initial_indent=f"  {name:<7}", subsequent_indent=" " * 9)
+    names = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "experiment")) if f.endswith(".yaml"))
+    cpu = [n for n in names if "cpu" in load_experiment(n).scales]
+    lines += textwrap.wrap(f"with a cpu scale: {', '.join(cpu)}; the others say why not when asked for one", 100,
+                           initial_indent="  ", subsequent_indent="  ")
+    return "\n".join(lines)
+
+
+def check_scale(table: str, exp, scale: str) -> None:
+    """Exit naming the experiment's scales (and, lacking cpu, why) when it has no `scale`."""
+    if scale in exp.scales:
+        return
+    msg = f"{table} has no {scale} scale; it has {', '.join(exp.scales)}"
+    if "cpu" not in exp.scales:
+        why = exp.get("no_cpu_scale") or "its config does not say; add `no_cpu_scale: <why not>` to it"
+        msg += f". Why no cpu scale: {why}"
+    raise SystemExit(msg)
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("table")
-    ap.add_argument("--scale", default="smoke", choices=["smoke", "cpu", "paper"])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=scales_help(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("table", help="an experiment of conf/experiment/ (its opening comment gives its commands)")
+    ap.add_argument("--scale", default="smoke", choices=list(SCALES), help="see 'scales' below (default: smoke)")
     ap.add_argument("--launcher", choices=["local", "slurm"], help="hydra/launcher (default: the config's, local)")
     ap.add_argument("--wandb", choices=["online", "offline"], help="log every run to wandb, grouped per sweep")
     ap.add_argument("--out", default="sweeps_out", help="root of the sweep dirs")
@@ -72,6 +109,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     exp = load_experiment(a.table)
+    check_scale(a.table, exp, a.scale)
     common, sws = sweeps(exp, a.scale)
     out = os.path.abspath(a.out)
     only = set(a.only.split(",")) if a.only else None

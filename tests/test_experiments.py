@@ -1,4 +1,5 @@
-"""Experiment configs compose at both scales and their grids cover their tables; the aggregator and run_table work.
+"""Experiment configs compose at each of their scales and their grids cover their tables; every experiment has a cpu
+scale or says why not; the aggregator and run_table work.
 
 Composition: for each sweep, one composed point per value of each group axis (dotted-key axes only change a value
 that Hydra has already validated), plus a check that the aggregator's override-based row identity agrees with
@@ -7,6 +8,7 @@ the composed config. An experiment whose method/evaluation configs have not land
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import os
@@ -20,6 +22,7 @@ from conftest import ROOT
 
 from llmsp.sweeps import aggregate as agg  # noqa: E402
 from llmsp.sweeps import paper_table  # noqa: E402
+from llmsp.sweeps import run_table  # noqa: E402
 from llmsp.sweeps.run_table import command  # noqa: E402
 
 EXPERIMENTS = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "conf", "experiment")) if f.endswith(".yaml"))
@@ -119,6 +122,34 @@ def test_experiment_composes_and_covers_its_table(name, scale):
         if r.get("labels"):
             values = {p.key[i] for p in points if not p.dense} - {None}
             assert values <= {agg._norm(k) for k in r.labels}, (r.key, values - {agg._norm(k) for k in r.labels})
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_has_a_cpu_scale_or_says_why_not(name):
+    exp = agg.load_experiment(name)
+    why = exp.get("no_cpu_scale")
+    assert ("cpu" in exp.scales) != bool(why), "give it a cpu scale or `no_cpu_scale: <why not>`, not both"
+    with open(os.path.join(agg.CONF, "experiment", f"{name}.yaml")) as f:
+        opening = "".join(itertools.takewhile(lambda line: line.startswith("#"), f))
+    if "cpu" in exp.scales:
+        assert f"sweeps/run_table.py {name} --scale cpu" in opening  # the opening comment gives its command
+    else:
+        assert isinstance(why, str) and len(why) > 40, "say why in a sentence"
+
+
+def test_run_table_help_describes_the_scales_and_a_missing_one_says_why(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_table.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for scale in ("smoke", "cpu", "paper"):
+        assert f"\n  {scale} " in out
+    with_cpu = out.split("with a cpu scale:")[1].split(";")[0]
+    assert "pg_table1" in with_cpu and "mini_llm_criterion" in with_cpu and "mini_llm_table1" not in with_cpu
+    with pytest.raises(SystemExit) as e:
+        run_table.main(["mini_llm_table1", "--scale", "cpu", "--dry-run"])
+    msg = str(e.value.code)
+    assert "it has paper, smoke" in msg and agg.load_experiment("mini_llm_table1").no_cpu_scale in msg
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
