@@ -20,8 +20,9 @@ from llmsp.prune.checkpoint import CheckpointError, save_pruned
 from llmsp.prune.export import export_checkpoint
 from llmsp.prune.export.gguf import equal_groups, rope_permute
 from llmsp.prune.export.layout import ExportError
+from llmsp.prune.modeling_pruned import HeadGather
 from llmsp.prune.plan import KeepPlan
-from llmsp.prune.slicing import HeadGather, apply_plan
+from llmsp.prune.slicing import apply_plan
 
 IDS = torch.randint(0, 259, (2, 20), generator=torch.Generator().manual_seed(7))
 
