@@ -8,6 +8,8 @@
 
 Either way the achieved ratio is within half a channel's parameters of the target when channels
 are prunable (within one head otherwise). Higher score = more important = kept.
+With alignment (prune/alignment.py, config group `align`) the units are channel blocks and whole KV groups, and the
+ratio is met to within one aligned unit.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import math
 
 import torch
 
+from llmsp.prune.alignment import Align, aligned_order, group_scores, uniform_channels
 from llmsp.prune.plan import KeepPlan
 from llmsp.prune.structure import ModelStructure
 
@@ -103,17 +106,34 @@ def _plan_from_removed(s: ModelStructure, rm_heads: dict, rm_ch: dict) -> KeepPl
 
 
 def select(s: ModelStructure, scores: dict, ratio: float, first: int, last: int, allocation: str = "uniform",
-           heads: bool = True, channels: bool = True) -> KeepPlan:
+           heads: bool = True, channels: bool = True, align: Align = Align()) -> KeepPlan:
     """scores: {"heads": [Tensor(n_heads)] per layer, "channels": [Tensor(n_channels)] per layer}; "groups"
     ([Tensor(n_kv)] per layer) in place of "heads" removes whole KV groups (a KV head and all its query heads)."""
     check_feasible(s, ratio, first, last, heads, channels)
     layers = prunable_layers(s, first, last)
     target = ratio * s.total_params
+    if heads and align.heads == "kv_group" and "groups" not in scores:
+        scores = {**scores, "groups": group_scores(s, scores["heads"], layers)}
     if allocation == "uniform":
-        return _uniform(s, scores, target, layers, heads, channels)
-    if allocation == "global":
-        return _global(s, scores, target, layers, heads, channels)
-    raise ValueError(f"allocation={allocation!r}: choose uniform or global")
+        plan = _uniform(s, scores, target, layers, heads, channels, align.channels if align.active else 0)
+        unit = len(layers) * align.unit(s, layers, heads, channels)  # every layer keeps the same widths
+    elif allocation == "global":
+        plan = _global(s, scores, target, layers, heads, channels, align)
+        unit = align.unit(s, layers, heads, channels)
+    else:
+        raise ValueError(f"allocation={allocation!r}: choose uniform or global")
+    if align.active:
+        check_reached(s, s.total_params - plan.params_after(s), target, unit)
+    return plan
+
+
+def check_reached(s: ModelStructure, removed: float, target: float, unit: float) -> None:
+    """An aligned plan must land within one aligned unit of the target; otherwise name the nearest feasible ratio."""
+    if abs(removed - target) > unit:
+        raise InfeasibleRatio(
+            f"ratio={target / s.total_params:.4f} of the model cannot be met with aligned widths: the nearest feasible "
+            f"is {removed / s.total_params:.4f} (aligned unit {unit / s.total_params:.4f} of the model); use that "
+            f"ratio, a smaller align.channels, or align.heads=query")
 
 
 def _group_heads(info, groups: list[int]) -> list[int]:
@@ -121,7 +141,9 @@ def _group_heads(info, groups: list[int]) -> list[int]:
     return [h for h in range(info.n_heads) if info.kv_of(h) in set(groups)]
 
 
-def _uniform(s, scores, target, layers, heads, channels) -> KeepPlan:
+def _uniform(s, scores, target, layers, heads, channels, a: int = 0) -> KeepPlan:
+    """a: 0 (no alignment) spreads the channel budget to within one channel per layer; a >= 1 gives every layer the
+    same count that keeps a multiple of a (so equal layers keep equal widths)."""
     p = target / max_removable(s, layers, heads, channels)
     rm_heads, removed = {}, 0
     by_group = "groups" in scores
@@ -142,7 +164,8 @@ def _uniform(s, scores, target, layers, heads, channels) -> KeepPlan:
         n_total = max(0, round((target - removed) / cost))
         base, extra = divmod(n_total, len(layers))
         for j, i in enumerate(layers):
-            k = base + (1 if j < extra else 0)
+            k = base + (1 if j < extra else 0) if not a else uniform_channels(s.layers[i].n_channels,
+                                                                             n_total / len(layers), a)
             if k > s.layers[i].n_channels:
                 raise InfeasibleRatio(f"layer {i} would need {k} of its {s.layers[i].n_channels} channels removed; "
                                       f"lower the ratio or widen layer_range")
@@ -150,7 +173,7 @@ def _uniform(s, scores, target, layers, heads, channels) -> KeepPlan:
     return _plan_from_removed(s, rm_heads, rm_ch)
 
 
-def _global(s, scores, target, layers, heads, channels) -> KeepPlan:
+def _global(s, scores, target, layers, heads, channels, align: Align = Align()) -> KeepPlan:
     units = []  # (score per parameter, layer, kind, index)
     for i in layers:
         info = s.layers[i]
@@ -165,11 +188,11 @@ def _global(s, scores, target, layers, heads, channels) -> KeepPlan:
     units.sort(key=lambda u: u[0])
     smallest = min(s.layers[i].channel_cost for i in layers) if channels else min(
         s.layers[i].q_head_cost for i in layers)
-    return remove_in_order(s, [(i, kind, j) for _, i, kind, j in units], target, smallest=smallest)
+    return remove_in_order(s, [(i, kind, j) for _, i, kind, j in units], target, smallest=smallest, align=align)
 
 
 def remove_in_order(s: ModelStructure, order: list[tuple[int, str, int]], target: float,
-                    plan: KeepPlan | None = None, smallest: float | None = None) -> KeepPlan:
+                    plan: KeepPlan | None = None, smallest: float | None = None, align: Align = Align()) -> KeepPlan:
     """Remove units (layer, kind, index) in the given order until `target` parameters are gone.
 
     Kinds: "h" a query head, "c" an MLP channel, "g" a whole KV group (the KV head and its remaining query heads),
@@ -177,9 +200,15 @@ def remove_in_order(s: ModelStructure, order: list[tuple[int, str, int]], target
     rows when it is the last query head of the group; a unit that would overshoot by more than half the smallest
     unit is skipped for a smaller one further down the order. Starts from `plan` (default: the full model) and
     counts only what this call removes. `smallest` (the tolerance unit) defaults to the smallest head or channel
-    cost of the layers in `order`.
+    cost of the layers in `order`. With `align` active the order is regrouped into channel blocks ("cb", a tuple
+    of channels) and whole KV groups (alignment.aligned_order), the tolerance is the largest aligned unit, and a
+    target the aligned units cannot reach raises InfeasibleRatio with the nearest feasible ratio.
     """
     plan = KeepPlan.full(s) if plan is None else KeepPlan.from_dict(plan.to_dict())
+    if align.active:
+        order = aligned_order(s, order, plan.channels, align)
+        kinds = {k for _, k, _ in order}
+        smallest = align.unit(s, sorted({i for i, _, _ in order}), bool(kinds & {"h", "g"}), "cb" in kinds)
     heads = [set(h) for h in plan.heads]
     chans = [set(c) for c in plan.channels]
     gone = set(plan.removed_layers)
@@ -193,6 +222,9 @@ def remove_in_order(s: ModelStructure, order: list[tuple[int, str, int]], target
         info = s.layers[i]
         if kind == "c":
             drop, cost = {j} & chans[i], info.channel_cost
+        elif kind == "cb":
+            drop = set(j) & chans[i]
+            cost = len(drop) * info.channel_cost
         elif kind == "l":
             drop, cost = {i} - gone, info.num_params
         elif kind == "h":
@@ -207,7 +239,9 @@ def remove_in_order(s: ModelStructure, order: list[tuple[int, str, int]], target
         if kind == "l":
             gone.add(i)
         else:
-            (chans if kind == "c" else heads)[i] -= drop
+            (chans if kind in ("c", "cb") else heads)[i] -= drop
+    if align.active:
+        check_reached(s, removed, target, smallest)
     return KeepPlan([sorted(h) for h in heads], [sorted(c) for c in chans], sorted(gone))
 
 

@@ -23,4 +23,8 @@ def validate(cfg: DictConfig, method: PruningMethod) -> None:
     resolve_dtype(cfg.dtype)
     check_root(cfg.data.root)
     if ratio > 0:
-        method.check_feasible(PruneContext.from_config(cfg, meta_model(cfg.model)))
+        ctx = PruneContext.from_config(cfg, meta_model(cfg.model))
+        if ctx.align.active and not method.aligns:
+            raise ValueError(f"align={cfg.align.name} (channels {ctx.align.channels}, heads {ctx.align.heads}) aligns "
+                             f"MLP widths and KV groups, which method={method.name} does not prune; use align=none")
+        method.check_feasible(ctx)

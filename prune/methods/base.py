@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from llmsp.prune.alignment import Align
 from llmsp.prune.allocation import check_feasible, model_ratio, requested_ratio, select
 from llmsp.prune.data import calibration_batch
 from llmsp.prune.logger import NullLogger
@@ -40,6 +41,7 @@ class PruneContext:
     extras: dict = field(default_factory=dict)  # per-method results for results.json
     manifest: dict = field(default_factory=dict)  # checkpoint-manifest additions a method needs to rebuild its model
     logger: Any = field(default_factory=NullLogger)  # live curves of iterative methods (pg): logger.log(metrics, step)
+    align: Align = Align()  # hardware-aligned widths for the plan (prune/alignment.py); default: none, as the papers
 
     @classmethod
     def from_config(cls, cfg, model: torch.nn.Module, tokenizer: Any = None, meter: StageMeter | None = None,
@@ -50,7 +52,8 @@ class PruneContext:
         s = discover(model)
         return cls(model, tokenizer, s, model_ratio(s, requested_ratio(cfg), cfg.ratio_of), cfg.layer_range.first,
                    cfg.layer_range.last, cfg.allocation, OmegaConf.to_container(cfg.calibration, resolve=True),
-                   cfg.data.root, cfg.seed, meter or StageMeter(), logger=logger or NullLogger())
+                   cfg.data.root, cfg.seed, meter or StageMeter(), logger=logger or NullLogger(),
+                   align=Align.from_config(cfg.get("align")))
 
     @property
     def target_params(self) -> float:
@@ -73,6 +76,7 @@ class PruningMethod:
 
     granularity = "width"
     rewrites_model = False  # True: the method transforms the weights itself (SliceGPT); no reconstruct stage after it
+    aligns = True  # False: the method has no heads or MLP channels to align (depth methods, SliceGPT)
 
     def __init__(self, name: str, heads: bool = True, channels: bool = True):
         self.name = name
@@ -119,4 +123,5 @@ class ScoringMethod(PruningMethod):
     def plan(self, ctx: PruneContext) -> KeepPlan:
         with ctx.meter.stage("score"):
             scores = self.scores(ctx)
-        return select(ctx.structure, scores, ctx.ratio, ctx.first, ctx.last, ctx.allocation, self.heads, self.channels)
+        return select(ctx.structure, scores, ctx.ratio, ctx.first, ctx.last, ctx.allocation, self.heads, self.channels,
+                      ctx.align)

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 class DepthMethod(PruningMethod):
     granularity = "depth"
+    aligns = False
 
     def __init__(self, name: str, dataset: str, n_samples: int, seq_len: int, keep_first: int | None,
                  keep_last: int | None, batch_size: int = 8):

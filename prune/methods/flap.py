@@ -74,7 +74,7 @@ class FLAP(PruningMethod):
         units = [(float(v), i, "h", j) for i in ctx.prunable if self.heads for j, v in enumerate(sc["heads"][i])]
         units += [(float(v), i, "c", j) for i in ctx.prunable if self.channels for j, v in enumerate(sc["channels"][i])]
         units.sort(key=lambda u: u[0])  # one global threshold over the standardised scores
-        plan = remove_in_order(s, [(i, k, j) for _, i, k, j in units], ctx.target_params)
+        plan = remove_in_order(s, [(i, k, j) for _, i, k, j in units], ctx.target_params, align=ctx.align)
         ctx.extras["flap"] = {"calibration": [self.dataset, self.n_samples, self.seq_len],
                               "attention_layers_removed": [i for i in ctx.prunable if not plan.heads[i]]}
         if self.compensate:

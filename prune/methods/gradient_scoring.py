@@ -323,4 +323,5 @@ class GradientScoring(ScoringMethod):
 
     def plan(self, ctx: PruneContext) -> KeepPlan:
         scores = self.scores(ctx)
-        return select(ctx.structure, scores, ctx.ratio, ctx.first, ctx.last, ctx.allocation, self.heads, self.channels)
+        return select(ctx.structure, scores, ctx.ratio, ctx.first, ctx.last, ctx.allocation, self.heads, self.channels,
+                      ctx.align)

@@ -76,7 +76,7 @@ class WandaSP(ScoringMethod):
                     masker.heads[i], masker.channels[i] = self._released_mask(ctx, scores, i)
                 else:
                     masker.set_plan(select(s, scores, ctx.ratio, ctx.first, ctx.last, ctx.allocation, self.heads,
-                                           self.channels))
+                                           self.channels, ctx.align))
                 for j in range(i + 1, s.num_layers):  # later layers stay dense until their turn
                     masker.heads[j], masker.channels[j] = torch.ones(s.layers[j].n_heads), torch.ones(s.layers[j].n_channels)
                 inputs = run_layer(layer, inputs)  # the next layer's inputs, from layer i in its pruned state

@@ -262,7 +262,7 @@ class PolicyGradient(PruningMethod):
         """The last snapshot and checkpoint, the final top-s plan, results.json's method_extras.pg and the plot."""
         self.snapshot(self.total)
         self.save_checkpoint(self.total)
-        plan = self.units.final_plan(self.s, ctx.ratio)
+        plan = self.units.final_plan(self.s, ctx.ratio, ctx.align)
         ctx.extras["pg"] = self.summary()
         if self.plot and self.run_dir:
             ctx.extras["pg"]["plot"] = plot_layer_sparsity(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from llmsp.prune.alignment import Align
 from llmsp.prune.allocation import InfeasibleRatio, remove_in_order
 from llmsp.prune.plan import KeepPlan
 from llmsp.prune.structure import ModelStructure
@@ -125,10 +126,11 @@ class UnitTable:
         """Mean keep-probability per unit kind: {"h" query heads | "g" KV groups, "c" channels, "l" layers}."""
         return {k: float(s[idx].double().mean()) for k, idx in self.kind_index.items()}
 
-    def final_plan(self, scores: torch.Tensor, ratio: float) -> KeepPlan:
+    def final_plan(self, scores: torch.Tensor, ratio: float, align: Align = Align()) -> KeepPlan:
         """Deterministic mask: in each budget group remove the lowest-scored units until its share of the removed
         parameters is met, to within half the group's smallest unit (allocation.remove_in_order, with real costs:
-        the last query head of a KV group also frees its k/v rows)."""
+        the last query head of a KV group also frees its k/v rows). `align`: the plan's widths aligned the same way
+        as every other method's (prune/alignment.py); the training samples stay unaligned."""
         targets = (self.group_cost - self.budget(ratio)).tolist()
         order = torch.argsort(scores.double(), stable=True).tolist()
         groups = self.group.tolist()
@@ -136,7 +138,7 @@ class UnitTable:
         for g, target in enumerate(targets):
             units = [u for u in order if groups[u] == g]
             smallest = float(self.cost[units].min())
-            plan = remove_in_order(self.s, [self.unit_id(u) for u in units], target, plan, smallest)
+            plan = remove_in_order(self.s, [self.unit_id(u) for u in units], target, plan, smallest, align)
         return plan
 
     def unit_id(self, u: int) -> tuple[int, str, int]:

@@ -133,6 +133,7 @@ def slice_model(model: nn.Module, batch: torch.Tensor, slicing: float, bs: int =
 
 class SliceGPT(PruningMethod):
     rewrites_model = True
+    aligns = False
     def __init__(self, name: str, dataset: str = "wikitext2", n_samples: int = 128, seq_len: int = 2048,
                  damping: float = 0.01, batch_size: int | None = None):
         super().__init__(name)

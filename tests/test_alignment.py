@@ -1,0 +1,107 @@
+"""Hardware-aligned widths (prune/alignment.py): every method's plan keeps MLP widths that are multiples of
+align.channels and heads as whole KV groups, at the requested ratio to within one aligned unit."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import DATA_ROOT, tiny_model
+from llmsp.config import compose_config
+from llmsp.prune.alignment import Align
+from llmsp.prune.allocation import InfeasibleRatio, remove_in_order, select
+from llmsp.prune.errors import ConfigError
+from llmsp.prune.export import export_checkpoint
+from llmsp.prune.pipeline import run
+from llmsp.prune.plan import KeepPlan
+
+
+def random_scores(s, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"heads": [torch.rand(i.n_heads, generator=g) for i in s.layers],
+            "channels": [torch.rand(i.n_channels, generator=g) for i in s.layers]}
+
+
+def assert_aligned(s, plan, align, layers):
+    for i in layers:
+        assert len(plan.channels[i]) % align.channels == 0, (i, len(plan.channels[i]))
+        if align.heads == "kv_group":
+            info = s.layers[i]
+            for g in range(info.n_kv):
+                members = [h for h in plan.heads[i] if info.kv_of(h) == g]
+                assert len(members) in (0, info.group_size), (i, g, members)
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+@pytest.mark.parametrize("align", [Align(8), Align(32, "kv_group"), Align(1, "kv_group")])
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5])
+def test_select_gives_aligned_widths_at_the_ratio(allocation, align, ratio):
+    _, _, s = tiny_model("tiny_llama_gqa")
+    layers = list(range(s.num_layers))
+    plan = select(s, random_scores(s, 0), ratio, 0, 0, allocation, align=align)
+    assert_aligned(s, plan, align, layers)
+    unit = align.unit(s, layers, True, True) * (len(layers) if allocation == "uniform" else 1)
+    assert abs(plan.achieved_ratio(s) - ratio) * s.total_params <= unit
+    if allocation == "uniform":  # every layer keeps the same widths: what a stock config describes
+        assert len({len(plan.channels[i]) for i in layers}) == 1 and len({len(plan.heads[i]) for i in layers}) == 1
+
+
+def test_default_alignment_is_the_papers_plan():
+    _, _, s = tiny_model("tiny_llama_gqa")
+    for allocation in ("global", "uniform"):
+        assert select(s, random_scores(s, 1), 0.3, 0, 0, allocation).to_dict() == \
+            select(s, random_scores(s, 1), 0.3, 0, 0, allocation, align=Align()).to_dict()
+
+
+def test_blocks_follow_the_method_order():
+    """The first block of a layer is its n mod A lowest-ranked channels, then A at a time, in the given order."""
+    _, _, s = tiny_model("tiny_llama_gqa")
+    n = s.layers[0].n_channels  # 128
+    order = [(0, "c", j) for j in reversed(range(n))]  # remove from the highest index down
+    plan = remove_in_order(s, order, 44 * s.layers[0].channel_cost, align=Align(16))
+    assert plan.channels[0] == list(range(n - 48))  # 44 channels -> the nearest multiple of 16 is 48
+
+
+def test_unreachable_aligned_target_names_the_nearest_ratio():
+    _, _, s = tiny_model("tiny_llama_gqa")
+    info = s.layers[0]
+    order = [(0, "c", j) for j in range(info.n_channels)]  # only layer 0's channels can go
+    with pytest.raises(InfeasibleRatio, match=r"nearest feasible is 0\.\d+"):
+        remove_in_order(s, order, 2 * info.n_channels * info.channel_cost, align=Align(32))
+
+
+TINY = ["model=tiny_llama_gqa", f"data.root={DATA_ROOT}", "evaluate.ppl.max_windows=2", "calibration.n_samples=4",
+        "calibration.seq_len=32", "ratio=0.3"]
+
+
+@pytest.mark.parametrize("method", ["wanda_sp", "flap", "llm_pruner", "pg"])
+def test_every_width_method_aligns(method, tmp_path, data_root):
+    extra = {"pg": ["init=random", "method.n_segments=8", "method.batch_size=4", "method.seq_len=32",
+                    "method.plot=false", f"+method.out_dir={tmp_path}"]}.get(method, [])
+    cfg = compose_config([*TINY, f"method={method}", "allocation=global", "align.channels=16", "align.heads=kv_group",
+                          *extra])
+    res = run(cfg, str(tmp_path))
+    _, _, s = tiny_model("tiny_llama_gqa")
+    plan = KeepPlan.load(str(tmp_path / "kept_units.json"))
+    assert_aligned(s, plan, Align(16, "kv_group"), range(s.num_layers))
+    assert abs(res["ratio"]["achieved"] - 0.3) * s.total_params <= Align(16, "kv_group").unit(s, range(4), True, True)
+
+
+def test_uniform_aligned_plan_exports_as_stock_llama(tmp_path, data_root):
+    cfg = compose_config([*TINY, "method=wanda_sp", "allocation=uniform", "align.channels=32", "align.heads=kv_group",
+                          "save_model=true"])
+    run(cfg, str(tmp_path))
+    out = str(tmp_path / "hf")
+    summary = export_checkpoint(str(tmp_path), out)["hf"]
+    assert not summary["remote_code"] and summary["max_logit_diff"] < 1e-3
+    loaded = AutoModelForCausalLM.from_pretrained(out)  # the stock llama architecture, no trust_remote_code
+    assert loaded.config.model_type == "llama" and loaded.config.intermediate_size % 32 == 0
+
+
+def test_alignment_is_refused_for_methods_without_widths(tmp_path, data_root):
+    from llmsp.prune.pipeline import build_method
+    from llmsp.prune.preflight import preflight
+
+    cfg = compose_config([*TINY, "method=sleb", "align.channels=8"])
+    with pytest.raises(ConfigError, match="align=none"):
+        preflight(cfg, build_method(cfg), str(tmp_path))
