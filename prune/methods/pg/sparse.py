@@ -5,7 +5,7 @@ gate/up) or columns (o/down), so a forward at ratio r skips the pruned heads' pr
 pruned channels' matmuls. The original Parameters are put back on exit; nothing is copied back. The result equals
 the masked model's (masks.py) up to float rounding: a zero-masked head or channel adds nothing to o/down.
 KV heads: the kept ones are gathered; when they serve unequal numbers of kept query heads, k/v are laid out per
-query head with slicing.HeadGather. Removed layers (depth) become the identity. LLaMA-family models only (separate
+query head with modeling_pruned.HeadGather. Removed layers (depth) become the identity. LLaMA-family models only (separate
 q/k/v projections, decoder layers returning a tensor).
 """
 from __future__ import annotations
@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from llmsp.prune.plan import KeepPlan
-from llmsp.prune.slicing import HeadGather, empty_attention
+from llmsp.prune.modeling_pruned import HeadGather
+from llmsp.prune.slicing import empty_attention
 from llmsp.prune.structure import ModelStructure, get_module
 
 
