@@ -19,15 +19,15 @@ unit kind ("module"):
 Our choice where the released code differs: its masks drop exactly k units of each pool, so the pool's
 dropped count never varies and the regression identifies utilities within a pool only up to one constant per
 pool; the Lasso then puts about half of every pool below zero, whatever the pool. On SmolLM2 (9 heads a layer,
-k = 1 head) that removed one head per layer per round: 56–89% of each layer's heads at ratio 0.3 and WikiText-2
-PPL 4311 (Wanda-sp: 365). Independent (Poisson) drops keep the expected 5% and make the count vary, so
-utilities are identified across pools, heads against channels (same run with 40 masks a round: PPL 1262).
+k = 1 head) that removed one head per layer per round, most of each layer's heads at ratio 0.3. Independent
+(Poisson) drops keep the expected 5% and make the count vary, so utilities are identified across pools, heads
+against channels.
 As the released code (its default global linear model): the prior is re-measured each round on the model pruned
 so far, and units are removed in order of raw utility, a head's next to a channel's, counting each by its real
 parameter cost until the round's budget. Ranking by utility *per parameter* instead (a head frees ~40× a
-channel's weights on SmolLM2) was measured to fail: with far fewer masks than pool units the utilities are mostly
-noise, noise per parameter is tiny for heads, so heads filled every round's budget (67–89% of each layer's heads
-gone at 30%, WikiText-2 PPL 39647 vs 365 for Wanda-sp).
+channel's weights on SmolLM2) fails: with far fewer masks than pool units the utilities are mostly noise, noise
+per parameter is tiny for heads, so heads filled every round's budget. (Each variant's PPL on SmolLM2:
+docs/results.md, "Figures behind module docstrings".)
 Our choices where the paper leaves room: ties (pool units whose β is 0) are broken by the prior; the drop
 probability is 1 / prior (the released code: max activation - activation); the Lasso strength is `l1` times
 λ_max (the smallest λ that zeroes every β); the regression is one Lasso, not the released code's SGD fit with a
