@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from llmsp.prune.modeling_pruned import EmptyAttention, HeadGather
+from llmsp.prune.file_pages import file_mappings, release
 from llmsp.prune.plan import KeepPlan
 from llmsp.prune.structure import LayerInfo, ModelStructure, get_module
 
@@ -96,16 +97,27 @@ def _remove_layers(model: nn.Module, s: ModelStructure, removed: list[int]) -> N
 
 @torch.no_grad()
 def apply_plan(model: nn.Module, s: ModelStructure, plan: KeepPlan) -> nn.Module:
-    """Slice `model` in place to `plan`. `s` must describe the unsliced model."""
+    """Slice `model` in place to `plan`, layer by layer. `s` must describe the unsliced model.
+
+    Weights memory-mapped from a safetensors file keep their pages resident after they are replaced; each layer's
+    replaced weights give them back as the layer is done (prune/file_pages.py), so the peak stays at the weights
+    plus one layer's new copies."""
+    mappings = file_mappings()
     for i, info in enumerate(s.layers):
-        if i in plan.removed_layers:
-            continue
-        if len(plan.heads[i]) < info.n_heads:
-            _slice_attention(s, info, sorted(plan.heads[i]), plan.kept_kv(s, i))
-        if len(plan.channels[i]) < info.n_channels:
-            idx = torch.tensor(sorted(plan.channels[i]), dtype=torch.long)
-            for c in info.channel_weights:
-                slice_linear(info.linear(c.path), idx, c.axis)
+        old = list(info.module.parameters())
+        if i not in plan.removed_layers:
+            _slice_layer(s, info, plan, i)
+        kept = {p.data_ptr() for p in info.module.parameters()} if i not in plan.removed_layers else set()
+        release([p.data for p in old if p.data_ptr() not in kept], mappings)
     if plan.removed_layers:
         _remove_layers(model, s, plan.removed_layers)
     return model
+
+
+def _slice_layer(s: ModelStructure, info: LayerInfo, plan: KeepPlan, i: int) -> None:
+    if len(plan.heads[i]) < info.n_heads:
+        _slice_attention(s, info, sorted(plan.heads[i]), plan.kept_kv(s, i))
+    if len(plan.channels[i]) < info.n_channels:
+        idx = torch.tensor(sorted(plan.channels[i]), dtype=torch.long)
+        for c in info.channel_weights:
+            slice_linear(info.linear(c.path), idx, c.axis)
