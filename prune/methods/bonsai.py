@@ -185,7 +185,7 @@ class Bonsai(PruningMethod):
                 order = sorted(torch.cat(pools).tolist(), key=lambda u: (key[0][u], key[1][u]))
                 step = min(self.round_frac * s.total_params, target - (s.total_params - plan.params_after(s)))
                 before = plan.params_after(s)
-                plan = remove_in_order(s, [units[u] for u in order], step, plan)
+                plan = remove_in_order(s, [units[u] for u in order], step, plan, align=ctx.align)
                 if plan.params_after(s) == before:
                     break  # nothing left that fits the remaining budget
                 rounds.append({"units": len(units), "pool": len(order), "masks": len(keep),
