@@ -2,13 +2,13 @@
 PY ?= python
 DATA_ROOT ?= ../shared/data
 # `make run` scores the first 64 windows (128 tokens each) of WikiText-2 and of PTB, so it ends in minutes on
-# 2 CPU cores (README: measured times). The full protocol (2382 + 730 windows; WikiText-2 alone took 18 min on
-# 2 loaded cores) is one override away:   make run PPL_WINDOWS=null
+# 2 CPU cores (docs/results.md: measured times). The full protocol (2382 + 730 windows) is one override away:
+#   make run PPL_WINDOWS=null
 PPL_WINDOWS ?= 64
 
 # llama.cpp (llama-cpp-python, built from source with cmake + gcc) for the GGUF export's tests and benchmarks. The
 # multimodal library (LLAVA_BUILD) and common's HTTPS support are not needed; tests, tools, examples and the server are
-# off already when llama.cpp builds inside llama-cpp-python. Cold build, measured: README "Exporting".
+# off already when llama.cpp builds inside llama-cpp-python. Cold build time: docs/results.md.
 LLAMA_CPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_OPENSSL=OFF
 
 .PHONY: install install-gguf run test test-fast
