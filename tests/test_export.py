@@ -16,6 +16,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, TINY, model_cfg, tiny_model
+from llmsp.prune.alignment import Align
+from llmsp.prune.allocation import select
 from llmsp.prune.checkpoint import CheckpointError, save_pruned
 from llmsp.prune.export import export_checkpoint
 from llmsp.prune.export.gguf import equal_groups, rope_permute
@@ -238,9 +240,20 @@ def gguf_arch(path: str) -> str:
     return gguf.GGUFReader(path).fields["general.architecture"].contents()
 
 
+def aligned_plan(allocation: str, align: Align):
+    """A method's plan under hardware alignment (random scores, 30% of the model, every layer prunable)."""
+    def make(s):
+        g = torch.Generator().manual_seed(5)
+        scores = {"heads": [torch.rand(i.n_heads, generator=g) for i in s.layers],
+                  "channels": [torch.rand(i.n_channels, generator=g) for i in s.layers]}
+        return select(s, scores, 0.3, 0, 0, allocation, align=align)
+    return make
+
+
 PLANS = {"dense": KeepPlan.full, "uniform": lambda s: uniform_plan("tiny_llama_gqa", s),
          "three_heads": three_heads_plan, "heterogeneous": heterogeneous_plan, "headless_first": lambda s: heterogeneous_plan(s, headless_first=True),
-         "biases": heterogeneous_plan}
+         "biases": heterogeneous_plan, "aligned_uniform": aligned_plan("uniform", Align(32, "kv_group")),
+         "aligned_global": aligned_plan("global", Align(16, "kv_group"))}
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_llama_gqa"])
@@ -251,9 +264,14 @@ def test_llama_cpp_logits_match_ours(name, plan, tmp_path):
 
     model, ckpt = pruned_checkpoint(name, PLANS[plan], tmp_path, biases=plan == "biases")
     summary = export_checkpoint(ckpt, str(tmp_path / "out"), gguf_types=("f32",), check=False)["gguf"][0]
-    uniform = plan in ("dense", "uniform", "three_heads")  # GQA three_heads: groups 2+1 -> 3 KV rows in every layer
+    uniform = plan in ("dense", "uniform", "three_heads", "aligned_uniform")  # three_heads: 3 KV rows in every layer
+    if plan == "aligned_global":  # per-layer widths differ unless the ranking happens to give equal ones
+        kept = PLANS[plan](tiny_model(name)[2])
+        uniform = len({(len(h), len(c)) for h, c in zip(kept.heads, kept.channels)}) == 1
     assert gguf_arch(summary["path"]) == ("llama" if uniform else "deci") == summary["arch"]
-    if name == "tiny_llama_gqa" and plan not in ("dense", "uniform"):
+    if plan.startswith("aligned"):
+        assert summary["extra_kv_heads"] == 0  # whole KV groups: no KV head is repeated
+    elif name == "tiny_llama_gqa" and plan not in ("dense", "uniform"):
         assert summary["extra_kv_heads"] > 0  # HeadGather layers were rewritten by repeating KV heads
     llm = open_gguf(summary["path"], n_ctx=64)
     tokens = IDS[0].tolist()
