@@ -148,3 +148,14 @@ def test_none_changes_nothing(data_root):
     rec = Reconstruction("none").apply(ctx, KeepPlan.full(ctx.structure))
     assert rec["mode"] == "none" and "layers" not in rec
     assert all(torch.equal(v, ctx.model.state_dict()[k]) for k, v in weights.items())
+
+
+def test_damping_sweep_scores_on_heldout_c4(data_root):
+    """sweeps/reconstruct_lambda.py: none, lsq at each λ and bias on rows the refit never saw; lsq beats none."""
+    from llmsp.sweeps.reconstruct_lambda import main as sweep
+
+    out = sweep(["--dampings", "0.01", "10", "--heldout", "8", "--set", "model=tiny_llama_gqa", "--set",
+                 f"data.root={data_root}", "--set", "calibration.n_samples=16", "--set", "calibration.seq_len=32"])
+    losses = out["heldout_c4_loss"]
+    assert set(losses) == {"none", "lsq λ=0.01", "lsq λ=10", "bias"}
+    assert losses["lsq λ=0.01"] < losses["none"] and out["best"] in ("lsq λ=0.01", "lsq λ=10")
