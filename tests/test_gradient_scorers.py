@@ -15,7 +15,7 @@ from llmsp.prune.memory import StageMeter
 from llmsp.prune.methods.base import PruneContext
 from llmsp.prune.methods.gradient_scoring import GradientScoring
 from llmsp.prune.methods.sparsegpt_sp import SparseGPTSP
-from llmsp.prune.methods.zo_gradient import SPSA, lm_loss
+from llmsp.prune.methods.zo_gradient import SPSA, lm_loss, lm_loss_pair
 from llmsp.prune.models import load_model
 from llmsp.prune.structure import discover
 from llmsp.sweeps.similarity import compare, main as similarity_main
@@ -380,3 +380,41 @@ def test_zo_information_ablation_runs_and_counts_its_forwards(data_root):
     assert "seconds" in v["fms_zo_n2"] and "seconds" not in v["fms_zo_n1"]  # only the run that was timed
     assert all(set(r["ppl"]["0.3"]) == {"wikitext2", "ptb"} for r in v.values())
     assert v["fms_zo_n1"]["spearman_channels"] != v["fms_null"]["spearman_channels"]
+
+
+def test_paired_projection_equals_two_forwards():
+    """project_pair (both signs in one forward of the batch stacked twice, z drawn once) gives project's g_k."""
+    model, s = _micro_model()
+    linears = [s.layers[0].linear("self_attn.q_proj"), s.layers[0].linear("mlp.up_proj")]
+    batch = torch.randint(3, 259, (2, 12), generator=torch.Generator().manual_seed(4))
+    one, two = SPSA(linears, eps=1e-3, seed=9), SPSA(linears, eps=1e-3, seed=9)
+    for _ in range(5):
+        one.project(lambda: lm_loss(model, batch))
+        two.project_pair(lambda: lm_loss_pair(model, batch))
+    assert two.gs == pytest.approx(one.gs, rel=1e-4, abs=1e-6)
+    assert torch.allclose(lm_loss_pair(model, batch), lm_loss(model, batch).expand(2))  # unperturbed: equal halves
+
+
+def test_large_matrices_draw_z_in_fixed_chunks():
+    """A matrix of more than CHUNK elements draws each chunk from its own generator: still N(0, 1), chunks not
+    copies of each other, and the same draw whatever the thread count; a small matrix draws what one generator
+    seeded by (seed, k, j) draws."""
+    from llmsp.prune.methods import zo_gradient
+
+    big, small = torch.nn.Linear(1000, 1100, bias=False), torch.nn.Linear(64, 32, bias=False)
+    spsa = SPSA([big, small], eps=1e-3, seed=2)
+    z = spsa.z(3, 0)
+    assert z.numel() > zo_gradient.CHUNK
+    flat = z.flatten()
+    assert abs(float(flat.mean())) < 5e-3 and abs(float(flat.std()) - 1) < 5e-3
+    assert not torch.equal(flat[:1000], flat[zo_gradient.CHUNK:zo_gradient.CHUNK + 1000])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        zo_gradient._POOL = None  # a fresh pool of one worker
+        assert torch.equal(spsa.z(3, 0), z)
+    finally:
+        torch.set_num_threads(threads)
+        zo_gradient._POOL = None
+    gen = torch.Generator().manual_seed(spsa._seed(3, 1))
+    assert torch.equal(spsa.z(3, 1), torch.randn((32, 64), generator=gen))

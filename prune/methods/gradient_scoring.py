@@ -28,7 +28,7 @@ from tqdm import tqdm
 from llmsp.prune.allocation import select
 from llmsp.prune.calibration import InputStats, run_batches
 from llmsp.prune.methods.base import PruneContext, ScoringMethod
-from llmsp.prune.methods.zo_gradient import SPSA, lm_loss
+from llmsp.prune.methods.zo_gradient import SPSA, lm_loss, lm_loss_pair
 from llmsp.prune.plan import KeepPlan
 from llmsp.prune.structure import Coupled, LayerInfo, ModelStructure
 
@@ -195,7 +195,7 @@ class ZOGradients:
             for i in starts:
                 b = batch[i:i + batch_size]
                 for _ in range(self.n):
-                    self.spsa.project(lambda: lm_loss(model, b))
+                    self.spsa.project_pair(lambda: lm_loss_pair(model, b))
                     bar.update()
         self.measured = list(self.spsa.gs)
         if self.null:
