@@ -3,15 +3,19 @@
 The same token windows as our evaluator (evaluate/ppl.py) go in, so the two perplexities differ only by the
 runtimes' arithmetic. The KV cache is f32 by default (llama.cpp's default f16 cache rounds K and V), so a
 parity check compares like with like. llama-cpp-python is optional (`pip install -e ".[gguf]"`, `make install-gguf`).
+`quantize` derives a quantized GGUF (Q8_0) from an f16 one with llama.cpp's own quantizer, as its llama-quantize tool.
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 
 import numpy as np
 import torch
 
 GGML_TYPE_F32 = 0  # ggml_type of an f32 KV cache (llama_cpp.GGML_TYPE_F32)
+QUANT_FTYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}  # quantize()'s types -> llama_ftype constants of llama_cpp
 
 
 def require_llama_cpp():
@@ -54,3 +58,28 @@ def window_nll(llm, windows: torch.Tensor) -> torch.Tensor:
 
 def perplexity(llm, windows: torch.Tensor) -> float:
     return math.exp(window_nll(llm, windows).mean().item())
+
+
+def quantize(src: str, dst: str, ftype: str = "q8_0", threads: int = 0, verbose: bool = False) -> None:
+    """Write `dst`, the GGUF `src` quantized to `ftype` by llama.cpp's quantizer (llama_model_quantize with its
+    default parameters, as `llama-quantize src dst Q8_0` does; threads 0: all cores).
+
+    A tensor whose row length is not a multiple of the type's block (32 for Q8_0: an unaligned pruned MLP width,
+    for ffn_down) is kept in a fallback type (f16), as llama.cpp does; the tensor types of `dst` say which.
+    The file is written under a temporary name and renamed, so an interrupted run leaves no partial `dst`."""
+    llama_cpp = require_llama_cpp()
+    if ftype not in QUANT_FTYPES:
+        raise ValueError(f"quantize type {ftype!r}: choose one of {sorted(QUANT_FTYPES)}")
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANT_FTYPES[ftype])
+    params.nthread = threads
+    tmp = dst + ".tmp"
+    with suppress_stdout_stderr(disable=verbose):  # llama.cpp logs one line per tensor
+        rc = llama_cpp.llama_model_quantize(src.encode(), tmp.encode(), ctypes.byref(params))
+    if rc != 0:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {ftype} (code {rc}); verbose=True shows its log")
+    os.replace(tmp, dst)
