@@ -27,7 +27,8 @@ def prompt(row: dict) -> str:
 
 def load_alpaca(hub: str, local_file: str, root: str | None, n_samples: int | None, seed: int) -> list[dict]:
     """Rows {instruction, input, output}: `<data.root>/<local_file>` when a data root is set, else the hub
-    dataset. `n_samples` draws a seeded subset (null: every row)."""
+    dataset. `n_samples` draws a seeded subset (null: every row); more than the data holds is a ValueError naming
+    both numbers, never a silently smaller run."""
     path = resolve_root(root)
     if path is not None:
         file = os.path.join(path, local_file)
@@ -41,6 +42,10 @@ def load_alpaca(hub: str, local_file: str, root: str | None, n_samples: int | No
 
         rows = list(datasets.load_dataset(hub, split="train"))
     rows = [{"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]} for r in rows]
+    if n_samples and n_samples > len(rows):  # preflight catches a local file; this, the hub's
+        from llmsp.prune.datacheck import rows_error
+
+        raise ValueError(rows_error(n_samples, len(rows), file if path is not None else hub, hub))
     if n_samples and n_samples < len(rows):
         rows = random.Random(seed).sample(rows, n_samples)
     return rows

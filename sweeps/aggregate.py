@@ -27,9 +27,9 @@ published rows (figures printed in the paper for methods we do not run) are show
 at ``--scale paper`` the paper's dense row sits under ours.
 
 ``scales.<scale>`` lists the sweeps (grids) that ``sweeps/run_table.py`` launches; ``--scale paper`` adds
-``PAPER_OVERRIDES`` to every run. Every grid point is composed with Hydra to learn its row key values, so a point
-whose run is missing, failed or lacks a metric shows as "–" and is listed in a warning (and under the Markdown
-table): nothing is dropped silently.
+``PAPER_OVERRIDES`` to every run (fp16 evaluation, the hub's full datasets: docs/paper_data.md). Every grid point is
+composed with Hydra to learn its row key values, so a point whose run is missing, failed or lacks a metric shows as
+"–" and is listed in a warning (and under the Markdown table): nothing is dropped silently.
 """
 from __future__ import annotations
 
@@ -53,8 +53,10 @@ from llmsp.sweeps import paper_table
 from llmsp.sweeps.paper_table import norm as _norm
 
 DASH = "–"
-# every --scale paper run evaluates in fp16 on the GPU, the precision the papers' numbers come from
-PAPER_OVERRIDES = ["evaluate.dtype=float16"]
+# every --scale paper run evaluates in fp16 on the GPU, the precision the papers' numbers come from, and reads the
+# papers' own data: the hub (data.root=null), never the stand-ins of ../shared/data. data.full=true makes preflight
+# refuse a local root (`-- data.root=DIR`) that lacks any full dataset the run reads, naming each (docs/paper_data.md).
+PAPER_OVERRIDES = ["evaluate.dtype=float16", "data.root=null", "++data.full=true"]
 STATS = ("mean_std", "mean", "std", "min", "max")
 log = logging.getLogger("aggregate")
 
