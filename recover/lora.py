@@ -2,7 +2,11 @@
 
 peft's target_modules="all-linear" wraps every nn.Linear of the decoder except the output head,
 whatever its width, so sliced layers of different sizes and HeadGather's inner `.proj` are adapted
-like any other. Adapter weights stay in float32 (peft's autocast_adapter_dtype) even on a bf16 base.
+like any other. `target_modules: null` is PEFT's own default for the architecture (q_proj/v_proj for
+LLaMA, Mistral and OPT, query_key_value for BLOOM: the PG paper's "PEFT defaults", 003:602), and a list
+names module leaves; both are resolved to the model's Linear modules (`lora_targets`), a pruned GQA k/v
+projection (HeadGather) to its inner `.proj`, which peft can wrap where it cannot wrap HeadGather itself.
+Adapter weights stay in float32 (peft's autocast_adapter_dtype) even on a bf16 base.
 
 Training is `transformers.Trainer`, as LLM-Pruner's post-training uses, so mixed precision
 (`recover.mixed_precision`), checkpointing and multi-GPU (accelerate / DeepSpeed launchers) come with it:
@@ -26,6 +30,7 @@ import time
 import warnings
 
 from peft import LoraConfig, get_peft_model
+from torch import nn
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -34,9 +39,40 @@ from llmsp.recover.prompting import IGNORE
 log = logging.getLogger(__name__)
 
 
+def lora_targets(model, target_modules="all-linear"):
+    """peft's target_modules for `model`: "all-linear" as it is; null (PEFT's default leaves for the architecture) or
+    leaf names -> the full names of the matching Linear modules, a HeadGather's `.proj` for a wrapped k/v projection.
+    A name that matches no Linear is a ValueError naming the model's Linear leaves."""
+    if target_modules == "all-linear":
+        return target_modules
+    if target_modules is None:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+        arch = model.config.model_type
+        if arch not in DEFAULTS:
+            raise ValueError(f"recover.lora.target_modules=null: PEFT has no default targets for {arch}; name them")
+        target_modules = DEFAULTS[arch]
+    leaves = {target_modules} if isinstance(target_modules, str) else set(target_modules)
+    out, linear_leaves = [], set()
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        parts = name.split(".")
+        linear_leaves.add(parts[-1])
+        if parts[-1] in leaves or (parts[-1] == "proj" and len(parts) > 1 and parts[-2] in leaves):
+            out.append(name)
+    missing = sorted(t for t in leaves if not any(n.split(".")[-1] == t or n.endswith(f"{t}.proj") for n in out))
+    if missing:
+        raise ValueError(f"recover.lora.target_modules: {missing} name no Linear of this model; its Linear modules "
+                         f"are {sorted(linear_leaves)}")
+    return out
+
+
 def attach_lora(model, r: int, alpha: float, dropout: float, target_modules="all-linear"):
     """Wrap `model` in place with LoRA adapters; returns the PeftModel. Only adapter weights train."""
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+    if target_modules is not None and not isinstance(target_modules, str):
+        target_modules = list(target_modules)  # an OmegaConf ListConfig
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_targets(model, target_modules),
                         bias="none", task_type="CAUSAL_LM")
     with warnings.catch_warnings():  # peft 0.21 still reads transformers' deprecated `is_gradient_checkpointing`
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)

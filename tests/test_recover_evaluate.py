@@ -24,8 +24,8 @@ from llmsp.prune.plan import KeepPlan
 from llmsp.prune.slicing import EmptyAttention, HeadGather, apply_plan
 from llmsp.prune.structure import get_module
 from llmsp.recover import run_recovery
-from llmsp.recover.lora import attach_lora, collator, merge
-from llmsp.recover.prompting import IGNORE, NO_INPUT, WITH_INPUT, encode
+from llmsp.recover.lora import attach_lora, collator, lora_targets, merge
+from llmsp.recover.prompting import IGNORE, NO_INPUT, WITH_INPUT, encode, load_alpaca
 
 ROWS = [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
         {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
@@ -168,7 +168,52 @@ def test_recover_configs_match_the_papers():
     b = compose_config(["recover=lora_alpaca_4k"]).recover
     assert (a.lora.r, a.lora.alpha, a.lora.dropout, a.lr, a.epochs, a.batch_size, a.cutoff_len) == (8, 16, 0.05, 1e-4, 2, 64, 256)
     assert (b.lora.r, b.lora.alpha, b.data.n_samples, b.cutoff_len) == (16, 10, 4000, 1024)
-    assert a.lora.target_modules == b.lora.target_modules == "all-linear"
+    assert a.lora.target_modules == "all-linear"  # LLM-Pruner / MINI-LLM: every linear layer
+    assert (b.lora.dropout, b.lora.target_modules) == (0.0, None)  # PG A.7: PEFT's defaults (003:602)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_peft_default_targets_on_a_pruned_model(name):
+    """target_modules=null is PEFT's default for the architecture (q/v for LLaMA and OPT, query_key_value for BLOOM),
+    resolved to the model's Linear modules: a pruned GQA v_proj (HeadGather, which peft cannot wrap) by its .proj."""
+    model, tok, s = tiny_model(name)
+    apply_plan(model, s, hetero_plan(s))
+    targets = lora_targets(model, None)
+    leaves = {"bloom": {"query_key_value"}}.get(model.config.model_type, {"q_proj", "v_proj"})
+    want = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+            and (n.split(".")[-1] in leaves or (n.endswith(".proj") and n.split(".")[-2] in leaves))}
+    assert set(targets) == want and want
+    if name == "tiny_llama_gqa":
+        assert "model.layers.0.self_attn.v_proj.proj" in targets and not any("k_proj" in t for t in targets)
+    with pytest.raises(ValueError, match=r"\['w_proj'\] name no Linear of this model"):
+        lora_targets(model, [*sorted(leaves), "w_proj"])
+    peft_model = attach_lora(model, 16, 10, 0.0, None)
+    adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == want
+    assert math.isfinite(eval_loss(peft_model, batch(tok)))
+
+
+def test_more_rows_than_exist_is_an_error_naming_both(tmp_path):
+    """Bug: recover.data.n_samples=4000 on the 999-row demo file trained on 999 rows without a word. Preflight refuses
+    a local file before the model loads; the loader refuses the hub's (or any) data too."""
+    from llmsp.prune.errors import ConfigError
+    from llmsp.prune.pipeline import build_method
+    from llmsp.prune.preflight import preflight
+
+    os.makedirs(tmp_path / "instruct")
+    with open(tmp_path / "instruct" / "alpaca_en_demo.json", "w") as f:
+        json.dump(ROWS * 3, f)
+    cfg = recover_cfg(tmp_path, **{"recover.data.n_samples": 13, "evaluate": "ppl", "evaluate.ppl.datasets": "[]",
+                                   "method": "dense"})
+    with pytest.raises(ConfigError, match=r"recover.data.n_samples=13 asks for more rows than .*alpaca_en_demo.json "
+                                          r"holds \(12\)"):
+        preflight(cfg, build_method(cfg), str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"n_samples=13 asks for more rows than .* holds \(12\)"):
+        load_alpaca("yahma/alpaca-cleaned", "instruct/alpaca_en_demo.json", str(tmp_path), 13, 0)
+    assert len(load_alpaca("yahma/alpaca-cleaned", "instruct/alpaca_en_demo.json", str(tmp_path), 12, 0)) == 12
+    cfg = recover_cfg(tmp_path, **{"recover.data.n_samples": 12, "evaluate": "ppl", "evaluate.ppl.datasets": "[]",
+                                   "method": "dense"})
+    preflight(cfg, build_method(cfg), str(tmp_path / "run"))  # as many as there are: fine
 
 
 @torch.no_grad()
