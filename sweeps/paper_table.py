@@ -15,6 +15,7 @@ An experiment config carries one description per paper table it reproduces, take
             - {method.name: flap}
             - {method.name: search_llm, published: true}   # printed in the paper, not run by us
             - {method.name: slicegpt, models: [llama2_7b]}  # a row the paper has for some models only
+            - {method.name: wanda_sp, ours: true}           # a row we run that the paper's table lacks (say why)
           dense: {llama7b: [5.68, 78.35, ...]}               # the paper's dense row, aligned with columns
           published:                                         # the paper's figures for its published rows
             - {ratio: 0.1, method.name: search_llm, values: [6.10, ...]}   # (model: when the table has several)
@@ -86,7 +87,7 @@ class PaperTable:
 
 
 def _keys(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k not in ("published", "models")}
+    return {k: v for k, v in row.items() if k not in ("published", "models", "ours")}
 
 
 def load(exp) -> list[PaperTable]:

@@ -112,8 +112,13 @@ def test_experiment_composes_and_covers_its_table(name, scale):
             for path in ("model.name", "ratio", *(w for t in paper_table.load(exp) for w in t.when)):
                 assert agg._norm(point.value(path)) == agg._norm(value(path)), path  # what the paper check reads
             assert cfg.evaluate.dtype == ("float16" if scale == "paper" else None)  # the papers' precision
+            if scale == "paper":  # and the papers' data: the hub, never the stand-ins; a local root is checked
+                assert cfg.data.root is None and cfg.data.full is True
+            else:
+                assert cfg.data.root is not None and not cfg.data.get("full")
             for r in tbl.rows if not sw.dense else []:
-                assert agg.lookup(cfg, r.key) is not None or r.key.startswith("init."), (r.key, ov)
+                shown = paper_table.matches(value, r.get("when"))  # a `when` row key may be absent elsewhere
+                assert agg.lookup(cfg, r.key) is not None or r.key.startswith("init.") or not shown, (r.key, ov)
             for c in tbl.columns:  # every column is measured by the runs, or declared missing at this scale
                 if "path" in c:
                     assert _produced(cfg, c.path) or c.name in allowed_missing, (c.name, ov)
@@ -192,6 +197,126 @@ def test_paper_check_reports_each_kind_of_difference():
     assert "mark them `ours`" in problems(lambda t, tbl: tbl.columns[1].__setitem__("name", "PIQA acc"))
 
 
+# ------------------------------------------------------------------------------------------- the papers' settings
+
+
+def _paper_points(name):
+    exp = agg.load_experiment(name)
+    return exp, [p for p in agg.expected_points(name, exp, "paper") if not p.dense]
+
+
+def test_paper_scale_refuses_the_stand_in_root_naming_each_dataset(tmp_path, caplog, monkeypatch):
+    """Bug: --scale paper kept data.root=../shared/data, so Table A10's prune-then-finetune run calibrated on
+    WikiText-2's test split and fine-tuned on 999 demo rows, and failed on ARC-c only. Pointed at the stand-in root,
+    a paper-scale run is refused before any model loads, one line per dataset the root lacks at full size."""
+    from llmsp.prune import datacheck
+    from llmsp.prune.errors import ConfigError
+    from llmsp.prune.pipeline import build_method
+    from llmsp.prune.preflight import preflight
+
+    monkeypatch.setenv("PRUNE_CACHE", str(tmp_path / "cache"))
+    name = "pg_a10_weight_update"
+    exp, points = _paper_points(name)
+    common, _ = agg.sweeps(exp, "paper")
+    point = next(p for p in points if "recover=lora_alpaca_4k" in p.overrides)
+    # the run's own settings; tiny_llama for its config without the hub, the stand-in root as a user might pass it
+    over = [*common, *point.overrides, "model=tiny_llama", "data.root=../shared/data"]
+
+    def refused():
+        cfg = agg.compose_point(name, over)
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger=datacheck.__name__), pytest.raises(ConfigError) as e:
+            preflight(cfg, build_method(cfg), str(tmp_path / "run"))
+        return str(e.value), [r.getMessage() for r in caplog.records if r.name == datacheck.__name__]
+
+    msg, logged = refused()
+    expect = ["WikiText-2 train split, for calibration", "Alpaca-cleaned", "ARC-Challenge test"]
+    assert [line.split(" (")[0].removeprefix("data.full: ") for line in logged] == expect  # one line each
+    listed = [line for line in msg.splitlines() if line.startswith("  - ")]
+    assert [line[4:].split(" (")[0] for line in listed] == expect
+    assert "instruct/alpaca_en_demo.json holds 999 rows" in msg and "51,760 rows" in msg
+    assert "tasks/arc_challenge/test.jsonl is missing" in msg and "data.root=null" in msg
+    # a root that holds a dataset at full size drops its line (here: Alpaca-cleaned's size set to the demo's)
+    monkeypatch.setattr(datacheck, "FULL_ALPACA", datacheck.Full("Alpaca-cleaned", "hub", 999, "rows"))
+    assert [line.split(" (")[0] for line in refused()[0].splitlines() if line.startswith("  - ")] == \
+        ["  - WikiText-2 train split, for calibration", "  - ARC-Challenge test"]
+    # the stand-ins a MINI-LLM table would read: BookCorpus and C4 are named with what the root holds instead
+    cfg = agg.compose_point("mini_llm_table1", ["model=tiny_llama", "data.root=../shared/data", "++data.full=true",
+                                                "method=mini_llm", "recover=none", "ratio=0.2"])
+    gaps = datacheck.full_data_gaps(cfg, build_method(cfg), os.path.join(ROOT, "..", "shared", "data"))
+    assert len(gaps) == 1 and gaps[0].startswith("BookCorpus") and "text/books/*.txt (5 files)" in gaps[0]
+    cfg = agg.compose_point("pg_table1", ["model=tiny_llama", "data.root=../shared/data", "++data.full=true",
+                                          "method=wanda_sp", "ratio=0.3"])
+    gaps = datacheck.full_data_gaps(cfg, build_method(cfg), os.path.join(ROOT, "..", "shared", "data"))
+    assert len(gaps) == 1 and "C4 train shard 00000" in gaps[0] and "c4_validation_2k.jsonl, holding 2,000" in gaps[0]
+
+
+def test_tables_the_papers_fine_tuned_run_lora():
+    """Bug: the layer-range figure and three of the five activation tables ran without fine-tuning, though their
+    figures are fine-tuned ones (000:65; 000:53, :55, :59). Only the BLOOM/OPT ZO tables are the with/without pair."""
+    _, points = _paper_points("mini_llm_layer_range")
+    assert {p.value("recover.name") for p in points} == {"lora_alpaca"}
+    _, points = _paper_points("mini_llm_activation")
+    got: dict = {}
+    for p in points:
+        got.setdefault((p.value("model.name"), p.value("method.gradient")), set()).add(p.value("recover.name"))
+    lora, both = {"lora_alpaca"}, {"none", "lora_alpaca"}
+    assert got == {("llama7b", "backprop"): lora, ("llama7b", "zo"): lora, ("bloom7b", "backprop"): lora,
+                   ("opt6_7b", "backprop"): lora, ("bloom7b", "zo"): both, ("opt6_7b", "zo"): both}
+
+
+def test_mini_llm_table1_wanda_is_wanda_criterion_in_mini_llm():
+    """Bug: the "Wanda" row was FLAP's Wanda-sp on C4; the paper keeps Wanda's |W|·‖X‖ inside its own structured
+    procedure (000:31): mini_llm with criterion wx on MINI-LLM's BookCorpus calibration, at every ratio, w/o and w/
+    LoRA. FLAP's Wanda-sp may stay, as a row marked as ours."""
+    name = "mini_llm_table1"
+    exp, points = _paper_points(name)
+    wanda = [p for p in points if p.value("method.name") == "mini_llm" and p.value("method.criterion") == "wx"]
+    assert {(p.value("ratio"), p.value("recover.name")) for p in wanda} == \
+        {(r, t) for r in (0.2, 0.3, 0.4, 0.5) for t in ("none", "lora_alpaca")}
+    common, _ = agg.sweeps(exp, "paper")
+    cfg = agg.compose_point(name, [*common, *wanda[0].overrides])
+    assert (cfg.method.criterion, cfg.calibration.dataset, cfg.method.act_samples) == ("wx", "bookcorpus", 128)
+    assert (cfg.layer_range.first, cfg.layer_range.last) == (4, 3)
+    t = paper_table.load(exp)[0]
+    assert paper_table._keys(t.rows[t.row_of(wanda[0].value)]) == {"method.name": "mini_llm", "method.criterion": "wx"}
+    assert all(r.get("ours") for r in t.rows if r["method.name"] == "wanda_sp")
+
+
+def test_pg_weight_fine_tuning_uses_peft_defaults():
+    """Bug: Table A10's prune-then-finetune inherited LLM-Pruner's dropout 0.05 and all-linear targets; the paper
+    uses r 16, alpha 10 and PEFT's defaults for the rest (003:602): dropout 0, PEFT's q/v targets for LLaMA."""
+    for name in ("pg_a10_weight_update", "pg_finetune"):
+        exp, points = _paper_points(name)
+        common, _ = agg.sweeps(exp, "paper")
+        tuned = [p for p in points if p.value("recover.name") == "lora_alpaca_4k"]
+        assert tuned, name
+        rc = agg.compose_point(name, [*common, *tuned[0].overrides]).recover
+        assert (rc.lora.r, rc.lora.alpha, rc.lora.dropout, rc.lora.target_modules) == (16, 10, 0.0, None), name
+        assert (rc.data.n_samples, rc.cutoff_len) == (4000, 1024)
+
+
+# what each config must say under paper.open (issue 25): a choice the text leaves open, with its place in the text
+OPEN_CHOICES = {
+    "mini_llm_layer_range": ["000:65", "LoRA"],
+    "mini_llm_activation": ["000:53", "000:55", "000:59"],
+    "mini_llm_table1": ["000:31", "criterion=wx", "Wanda-sp"],
+    "pg_a10_weight_update": ["003:602", "lora_dropout 0", "q_proj/v_proj"],
+    "pg_finetune": ["003:602", "lora_dropout 0"],
+    "pg_projection": ["Score-Const", "no longer 0.8 / 0.2", "Sigmoid-Norm", "norm_scope=layer", "norm_scope=global"],
+    "pg_table3_init": ["Random-Progressive", "one run per target", "Sigmoid-Norm"],
+    "pg_a16_layer_init": ["Random-Progressive", "one run per target"],
+    "pg_a12_seeds": ["003:758", "Wanda-sp", "Layerwise-PPL"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPEN_CHOICES))
+def test_open_choices_are_recorded(name):
+    text = " ".join(" ".join(str(o).split()) for o in agg.load_experiment(name).paper.get("open") or [])
+    missing = [k for k in OPEN_CHOICES[name] if k not in text]
+    assert not missing, f"{name}: paper.open does not mention {missing}"
+
+
 def test_run_table_dry_run_prints_each_multirun():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "sweeps", "run_table.py"), "mini_llm_criterion",
                            "--scale", "paper", "--dry-run", "--launcher", "slurm", "--wandb", "offline", "--",
@@ -205,6 +330,7 @@ def test_run_table_dry_run_prints_each_multirun():
                 "hydra.launcher.partition=gpu", "evaluate.dtype=float16"):
         assert tok in lines[1].split(), tok
     assert all("evaluate.dtype=float16" in line.split() for line in lines)  # paper scale: the papers' fp16
+    assert all({"data.root=null", "++data.full=true"} <= set(line.split()) for line in lines)  # and their data
     smoke = agg.sweeps(agg.load_experiment("mini_llm_criterion"), "smoke")[0]
     assert not any(o.startswith("evaluate.dtype") for o in smoke)
 
@@ -369,18 +495,23 @@ def test_aggregate_mean_accuracy_metric_per_task_and_missing_metric(tmp_path, ca
     exp = _fake_sweep(tmp_path, name, "smoke", metrics)
     with caplog.at_level(logging.WARNING, logger="aggregate"):
         t = agg.aggregate(name, "smoke", str(tmp_path))
-    h, row = t.header, {t.rows[r][2]: r for r in range(len(t.rows))}
+    h, row = t.header, {tuple(t.rows[r][2:4]): r for r in range(len(t.rows))}
+    assert h[:4] == ["Ratio", "Tune", "Method", "Criterion"]
+    wanda, mini = ("MINI-LLM scoring", "Wanda: |W|·‖X‖"), ("MINI-LLM scoring", "MINI-LLM: |W|·‖X‖·|Ĝ|")
+    flap = ("Wanda-sp (FLAP, C4; not in the paper)", "")
+    assert [tuple(r[2:4]) for r in t.rows[1:]] == [("Magnitude-l2", ""), ("LLM-Pruner", ""), wanda, ("SparseGPT", ""),
+                                                   mini, flap]  # the paper's order, then our extra row
     i1 = next(i for i, p in enumerate(points) if "method=magnitude_l2" in p.overrides)
-    m2 = row["Magnitude-l2"]
+    m2 = row[("Magnitude-l2", "")]
     expect_mean = 100 * ((0.6 + 0.01 * i1) + (0.7 + 0.01 * i1) + (0.4 + 0.1 + 0.01 * i1) + (0.5 + 0.01 * i1)) / 4
     assert t.rows[m2][h.index("HellaSwag")] == f"{100 * (0.4 + 0.1 + 0.01 * i1):.2f}"  # acc_norm for HellaSwag
     assert t.rows[m2][h.index("BoolQ")] == f"{100 * (0.6 + 0.01 * i1):.2f}"             # acc for BoolQ
     assert t.rows[m2][h.index("Mean")] == f"{expect_mean:.2f}"
-    w = row["Wanda-sp"]
+    w = row[flap]
     assert t.rows[w][h.index("PIQA")] == agg.DASH and t.rows[w][h.index("Mean")] == agg.DASH
     assert any("zeroshot.piqa.acc" in m for m in t.missing) and "zeroshot.piqa.acc" in caplog.text
-    last = row["MINI-LLM"]  # the last grid point: highest accuracies and lowest PPL, bold in every column
-    assert last == len(t.rows) - 1 and all(t.bold[last][len(exp.table.rows):])
+    last = row[wanda]  # the last grid point: highest accuracies and lowest PPL, bold in every column
+    assert all(t.bold[last][len(exp.table.rows):]) and not any(t.bold[row[mini]][len(exp.table.rows):])
 
 
 def test_aggregate_optional_column_is_blank_not_missing(tmp_path):
