@@ -205,7 +205,7 @@ def load_for_eager(path: str, dtype):
 
 def eager_latency(model, prompt: int, repeats: int, decode_steps: int = DECODE_STEPS) -> dict:
     """Median seconds of a --prompt-token forward (logits of its last token only, as generate's prefill) and of one
-    decode step on a KV cache holding that prompt (cropped back after each step, so every step sees the same context)."""
+    decode step on a KV cache holding that prompt (cropped back after each step: every step sees the same context)."""
     import torch
     from torch.utils.benchmark import Timer
     from transformers import DynamicCache
@@ -252,10 +252,10 @@ def table_rows(names: list[str], profiles: dict, times: dict, eager: list[dict] 
         row = {"name": name, **{k: first[k] for k in ("arch", "layers", "heads", "kv_heads", "kv_bytes_per_token",
                                                       "pp_ctx", "pp_flops_per_token")}, "types": {}}
         for t, profs in profiles.items():
-            took = times[t][profs[i]["path"]]
+            took, types = times[t][profs[i]["path"]], profs[i]["matmul_types"]
             row["types"][t] = {**profs[i], "pp_tok_s": args.prompt / statistics.median(took["pp"]),
                                "tg_tok_s": args.gen / statistics.median(took["tg"]),
-                               "fallback_tensors": sum(n for k, n in profs[i]["matmul_types"].items() if k.lower() != t)}
+                               "fallback_tensors": sum(n for k, n in types.items() if k.lower() != t)}
         if eager:
             row["eager"] = eager[i]
         rows.append(row)
@@ -300,8 +300,8 @@ def legend(args, load_before: float, load_after: float) -> str:
     return (f"threads {args.threads}, flash attention {'on' if args.flash_attn else 'off'}, {args.repeats} rounds "
             f"(median), load average {load_before:.2f} before, {load_after:.2f} after. ×: measured = model / dense "
             f"tok/s of the same type; bytes bound = dense / model bytes read per generated token (weights without "
-            f"the embedding lookup, KV at context {(args.gen + 1) / 2:g}); FLOPs bound = dense / model matmul FLOPs per "
-            f"prompt token (attention at context {(args.prompt + 1) / 2:g}); fallback: matmuls left unquantized")
+            f"the embedding lookup, KV at context {(args.gen + 1) / 2:g}); FLOPs bound = dense / model matmul FLOPs "
+            f"per prompt token (attention at context {(args.prompt + 1) / 2:g}); fallback: matmuls left unquantized")
 
 
 def model_names(paths: list[str], names: list[str] | None) -> list[str]:

@@ -132,3 +132,68 @@ def test_main_times_both_types_and_reports_bounds_and_eager_latency(exported, tm
     assert len(result["table"]) == 4 and "q8_0 tg4 tok/s" in result["table"][0]
     assert "load average" in capsys.readouterr().out
     assert json.load(open(out))["rows"][1]["types"]["q8_0"]["tg_ratio"] == rows[1]["types"]["q8_0"]["tg_ratio"]
+
+
+# ---- the driver (sweeps/bench_deploy.py) -----------------------------------------------------------------------------
+
+def test_deploy_dry_run_prints_the_grid_with_overrides_run_py_accepts(tmp_path, capsys):
+    import shlex
+
+    from llmsp.config import compose_config
+    from llmsp.sweeps import bench_deploy
+
+    out = str(tmp_path / "deploy")
+    commands = bench_deploy.main(["--dry-run", "--ratios", "0.3", "--allocations", "uniform", "global",
+                                  "--channels", "32", "64", "--out", out, "--", "dtype=float32"])["commands"]
+    assert commands == capsys.readouterr().out.splitlines()[1:]
+    names = ["dense"] + [f"wanda_sp-r0.3-{a}-{c}" for a in ("uniform", "global")
+                         for c in ("none", "c32-kv_group", "c64-kv_group")]
+    runs = [shlex.split(c) for c in commands if "run.py" in c]
+    assert [r[-1] for r in runs] == [f"hydra.run.dir={out}/runs/{n}" for n in names]
+    exports = [c for c in commands if "llmsp.prune.export" in c]
+    assert exports[0].endswith(f"--out {out}/export/dense --gguf f16 > {out}/export/dense/export_summary.json")
+    bench_cmd = shlex.split(commands[-1])
+    assert len(commands) == 2 * len(names) + 1 and "llmsp.sweeps.bench_llamacpp" in bench_cmd
+    assert bench_cmd[bench_cmd.index("--names") + 1:bench_cmd.index("--types")] == names
+    assert bench_cmd[bench_cmd.index("--hf") + 1:] == [f"{out}/export/{n}" for n in names]
+    for run, name in zip(runs, names):
+        cfg = compose_config(run[2:-1])  # what run.py composes from these overrides
+        assert (cfg.save_model, cfg.evaluate.ppl.max_windows, cfg.dtype) == (True, 400, "float32")
+        assert cfg.ratio_of == "model"
+        assert (cfg.layer_range.first, cfg.layer_range.last) == (0, 0)
+        if name == "dense":
+            assert cfg.method.name == "dense"
+            continue
+        assert (cfg.method.name, cfg.ratio, cfg.allocation) == ("wanda_sp", 0.3, name.split("-")[2])
+        aligned = name.endswith("kv_group")
+        assert (cfg.align.channels, cfg.align.heads) == ((int(name.split("-")[3][1:]), "kv_group") if aligned
+                                                         else (1, "query"))
+
+
+def test_deploy_skips_finished_runs_and_joins_ppl_with_the_benchmark(tmp_path):
+    from llmsp.sweeps import bench_deploy as deploy
+
+    args = deploy.parse_args(["--ratios", "0.3", "--allocations", "uniform", "--out", str(tmp_path)])
+    paths = deploy.Paths(args.out, args.method)
+    plans = deploy.grid(args.ratios, args.allocations, args.channels)
+    for plan, ppl, kv in zip(plans, (20.0, 40.0, 41.0), (0, 12, 0)):
+        os.makedirs(os.path.join(paths.run(plan), "model"))
+        open(os.path.join(paths.run(plan), "model", "manifest.json"), "w").write("{}")
+        json.dump({"ppl": {"wikitext2": ppl, "ptb": 2 * ppl}, "ratio": {"achieved": 0.3}},
+                  open(os.path.join(paths.run(plan), "results.json"), "w"))
+        os.makedirs(paths.export(plan))
+        open(paths.gguf(plan), "w").close()
+        json.dump({"gguf": [{"arch": "deci", "extra_kv_heads": kv}]}, open(paths.summary(plan), "w"))
+    assert all(deploy.run_done(p, paths) and deploy.export_done(p, paths) for p in plans)
+    exported, commands = deploy.prepare(plans, args, paths, {})
+    assert exported == plans and all(c.startswith("# done, skipped: ") for c in commands)
+    bench_rows = [{"name": p.name(args.method), "kv_bytes_per_token": 100, "pp_flops_bound": 1.5,
+                   "types": {"f16": {"mib": 9.0, "tg_bytes_bound": 1.4, "pp_ratio": 1.2, "tg_ratio": 1.3}}}
+                  for p in plans]
+    rows = deploy.join(plans, args, paths, {"rows": bench_rows})
+    aligned = rows[2]
+    assert aligned["name"] == "wanda_sp-r0.3-uniform-c64-kv_group"
+    assert aligned["ppl_change_pct"] == {"wikitext2": pytest.approx(2.5), "ptb": pytest.approx(2.5)}
+    assert rows[1]["ppl_change_pct"] == {} and rows[1]["extra_kv_heads"] == 12
+    table = deploy.markdown(rows, args)
+    assert len(table) == 2 + len(plans) and "| +2.5 |" in table[-1] and "| 1.300 |" in table[-1]
