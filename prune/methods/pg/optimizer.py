@@ -13,8 +13,9 @@ Seeds: `seed` draws the data, its order and a random init; `sample_seed` (defaul
 Bernoulli draws alone, so Table A12's seed sweep varies the sampling with the initialisation fixed.
 Checkpoints: every `checkpoint_every` steps and when a non-finite loss stops the run (state.py), in the run directory
 (Hydra's output dir). resume=true continues from it with the same RNG state and data position, so the final mask
-equals an uninterrupted run's. nan_policy=skip (released code) drops the non-finite samples and skips a step none of
-whose samples is finite, without advancing the lr schedule.
+equals an uninterrupted run's; a SLURM job requeued after a preemption (SLURM_RESTART_COUNT > 0) resumes the same way.
+nan_policy=skip (released code) drops the non-finite samples and skips a step none of whose samples is finite, without
+advancing the lr schedule.
 Curves go to the run's logger and to results.json (method_extras.pg) every `log_every` steps: the mean sampled loss
 and the loss of the current top-s mask on a fixed held-out probe batch (is the policy's best guess improving? one
 batch drawn after the n_segments training rows, so batch-to-batch difficulty does not hide the trend), δ, lr, mean
@@ -29,6 +30,7 @@ train_step per step; save_checkpoint every `checkpoint_every` steps) -> finish (
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -44,6 +46,12 @@ from llmsp.prune.methods.pg.units import UnitTable
 from llmsp.prune.plan import KeepPlan
 
 log = logging.getLogger(__name__)
+
+
+def requeued() -> bool:
+    """This process is a SLURM job started again after a preemption, `scontrol requeue` or submitit's requeue on a
+    timeout: the launcher reruns the same overrides in the same job folder, where the earlier start checkpointed."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
 
 
 def hydra_run_dir() -> str | None:
@@ -156,7 +164,11 @@ class PolicyGradient(PruningMethod):
 
     def load_checkpoint(self) -> bool:
         """With resume=true, continue from the run directory's checkpoint: s, the trainer's state (sampler RNG,
-        baseline), the step and the records. False when there is nothing to resume."""
+        baseline), the step and the records. False when there is nothing to resume. A requeued SLURM job resumes as
+        if resume=true was given, when its run directory holds a checkpoint."""
+        if not self.resume and requeued() and ckpt.exists(self.run_dir):
+            log.info("pg: SLURM job restarted (SLURM_RESTART_COUNT=%s): resuming", os.environ["SLURM_RESTART_COUNT"])
+            self.resume = True
         if not (self.resume and ckpt.exists(self.run_dir)):
             if self.resume:
                 log.warning("pg: resume=true but no checkpoint in %s; starting fresh", self.run_dir)
