@@ -46,3 +46,13 @@ def data_root():
     if not os.path.isdir(DATA_ROOT):
         pytest.skip(f"local data not found at {DATA_ROOT}")
     return DATA_ROOT
+
+
+def llama_cpp_or_skip():
+    """Skip a llama.cpp test when llama-cpp-python is missing, unless LLMSP_REQUIRE_LLAMA_CPP=1 (`make test`)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        if os.environ.get("LLMSP_REQUIRE_LLAMA_CPP") == "1":
+            pytest.fail("llama-cpp-python is required here (LLMSP_REQUIRE_LLAMA_CPP=1): make install-gguf")
+        pytest.skip("llama-cpp-python not installed (make install-gguf)")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import llama_cpp_or_skip, tiny_model
 from llmsp.prune.checkpoint import save_pruned
 from llmsp.prune.export import export_checkpoint
 from llmsp.prune.plan import KeepPlan
@@ -26,15 +26,6 @@ PRUNED = {"heads": [[0, 1], [0, 1, 2, 3], [2, 3], [0, 1]], "channels": [40, 128,
 KV_OF = {"dense": [2, 2, 2, 2], "pruned": [1, 2, 1, 1]}  # heads 0,1 read KV head 0; heads 2,3 read KV head 1
 HEADS = {"dense": [4, 4, 4, 4], "pruned": [2, 4, 2, 2]}
 FF = {"dense": [128] * 4, "pruned": PRUNED["channels"]}
-
-
-def llama_cpp_or_skip():
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        if os.environ.get("LLMSP_REQUIRE_LLAMA_CPP") == "1":
-            pytest.fail("llama-cpp-python is required here (LLMSP_REQUIRE_LLAMA_CPP=1): make install-gguf")
-        pytest.skip("llama-cpp-python not installed (make install-gguf)")
 
 
 def make_plan(kind: str, s) -> KeepPlan:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, TINY, model_cfg, tiny_model
+from conftest import TINY, llama_cpp_or_skip, model_cfg, tiny_model
 from llmsp.prune.alignment import Align
 from llmsp.prune.allocation import select
 from llmsp.prune.checkpoint import CheckpointError, save_pruned
@@ -224,15 +224,6 @@ def test_rope_permute_interleaves_each_heads_halves():
 
 
 # ---- llama.cpp --------------------------------------------------------------------------------------------------
-
-def llama_cpp_or_skip():
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        if os.environ.get("LLMSP_REQUIRE_LLAMA_CPP") == "1":
-            pytest.fail("llama-cpp-python is required here (LLMSP_REQUIRE_LLAMA_CPP=1): make install-gguf")
-        pytest.skip("llama-cpp-python not installed (make install-gguf)")
-
 
 def gguf_arch(path: str) -> str:
     import gguf
