@@ -78,8 +78,11 @@ def dequantized_cache(model_cfg: DictConfig) -> str:
 
 
 def load_config(model_cfg: DictConfig):
-    """The transformers config alone (cheap): used to validate a run before any weight loads."""
-    if model_cfg.source == "tiny":
+    """The transformers config alone (cheap): used to validate a run before any weight loads. A hub model reads a
+    local directory's own config.json; a hub id falls back to the model config's `config:` block (the checkpoint's
+    shapes) when it has one, so preflight needs no network."""
+    if model_cfg.source == "tiny" or (model_cfg.source == "hub" and model_cfg.get("config")
+                                      and not os.path.isdir(str(model_cfg.path))):
         cfg = dict(OmegaConf.to_container(model_cfg.config, resolve=True))
         return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     if model_cfg.source == "gguf_wheel":

@@ -56,7 +56,7 @@ DASH = "–"
 # every --scale paper run evaluates in fp16 on the GPU, the precision the papers' numbers come from, and reads the
 # papers' own data: the hub (data.root=null), never the stand-ins of ../shared/data. data.full=true makes preflight
 # refuse a local root (`-- data.root=DIR`) that lacks any full dataset the run reads, naming each (docs/paper_data.md).
-PAPER_OVERRIDES = ["evaluate.dtype=float16", "data.root=null", "++data.full=true"]
+PAPER_OVERRIDES = ["evaluate.dtype=float16", "data.root=null", "data.full=true"]
 STATS = ("mean_std", "mean", "std", "min", "max")
 log = logging.getLogger("aggregate")
 

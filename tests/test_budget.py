@@ -53,3 +53,15 @@ def test_preflight_checks_depth_methods_against_their_own_kept_layers(tmp_path):
 def test_ratio_outside_range_is_refused_once_with_the_fix(tmp_path, ratio):
     with pytest.raises(ConfigError, match=r"outside \[0, 1\).*e.g. ratio=0.3"):
         _preflight(tmp_path, "method=wanda_sp", f"ratio={ratio}")
+
+
+def test_a_hub_model_is_checked_from_its_config_block_offline(monkeypatch):
+    """Preflight's feasibility check of model=llama7b needs no network: the config block gives the shapes."""
+    from llmsp.prune.validate import validate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = compose_config(["model=llama7b", "method=wanda_sp", "ratio=0.2", f"data.root={DATA_ROOT}"])
+    validate(cfg, build_method(cfg))
+    cfg = compose_config(["model=llama7b", "method=wanda_sp", "ratio=0.9", f"data.root={DATA_ROOT}"])
+    with pytest.raises(ValueError, match="hold only"):
+        validate(cfg, build_method(cfg))
