@@ -55,14 +55,26 @@ class HeadGather(nn.Module):
 
 
 class EmptyAttention(nn.Module):
-    """An attention block whose heads were all pruned: it adds only its output projection's bias, if any."""
+    """An attention block whose heads were all pruned: it adds only its output projection's bias, if any.
 
-    def __init__(self, hidden_size: int, bias: bool, adds_residual: bool, like: torch.Tensor):
+    It still records the tokens it saw in the KV cache (one zero head of width 1), because the model reads the cached length, and
+    with it the next token's position, from a layer's cache (layer 0's by default): a headless layer that cached
+    nothing would make cached decoding restart positions at 0."""
+
+    def __init__(self, hidden_size: int, bias: bool, adds_residual: bool, like: torch.Tensor,
+                 layer_idx: int | None = None):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(hidden_size, device=like.device, dtype=like.dtype)) if bias else None
         self.adds_residual = adds_residual  # BLOOM's attention returns output + residual
+        self.layer_idx = layer_idx  # renumbered with the others when layers are removed
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        names = ("cache", "past_key_values", "past_key_value", "layer_past")  # transformers' names across versions
+        cache = next((kwargs[k] for k in names if kwargs.get(k) is not None), None)
+        if cache is not None and self.layer_idx is not None and hasattr(cache, "update"):
+            # one zero head of width 1 per token: a cache layer of numel 0 would report length 0
+            marker = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)  # (B, 1, T, 1)
+            cache.update(marker, marker, self.layer_idx)
         out = torch.zeros_like(hidden_states) if self.bias is None else self.bias.expand_as(hidden_states).clone()
         if self.adds_residual:
             out = out + (args[0] if args else kwargs["residual"])
@@ -87,7 +99,8 @@ def _reshape_llama(layer: nn.Module, spec: dict, config) -> None:
     attn, hidden = layer.self_attn, config.hidden_size
     like = attn.q_proj.weight
     if spec["heads"] == 0:
-        layer.self_attn = EmptyAttention(hidden, spec["attn_out_bias"], False, like)
+        layer.self_attn = EmptyAttention(hidden, spec["attn_out_bias"], False, like,
+                                        getattr(layer.self_attn, "layer_idx", None))
     else:
         hd, b = attn.head_dim, config.attention_bias
         attn.q_proj = _linear(hidden, spec["heads"] * hd, b, like)
@@ -109,7 +122,8 @@ def _reshape_opt(layer: nn.Module, spec: dict, config) -> None:
     attn, hidden, b = layer.self_attn, config.hidden_size, config.enable_bias
     like = attn.q_proj.weight
     if spec["heads"] == 0:
-        layer.self_attn = EmptyAttention(hidden, spec["attn_out_bias"], False, like)
+        layer.self_attn = EmptyAttention(hidden, spec["attn_out_bias"], False, like,
+                                        getattr(layer.self_attn, "layer_idx", None))
     else:
         width = spec["heads"] * attn.head_dim
         attn.q_proj, attn.k_proj, attn.v_proj = (_linear(hidden, width, b, like) for _ in range(3))
@@ -135,7 +149,8 @@ def _reshape_bloom(layer: nn.Module, spec: dict, config) -> None:
     attn, hidden = layer.self_attention, config.hidden_size
     like = attn.dense.weight
     if spec["heads"] == 0:
-        layer.self_attention = EmptyAttention(hidden, spec["attn_out_bias"], True, like)
+        layer.self_attention = EmptyAttention(hidden, spec["attn_out_bias"], True, like,
+                                              getattr(layer.self_attention, "layer_idx", None))
     else:
         width = spec["heads"] * attn.head_dim
         attn.query_key_value = _linear(hidden, 3 * width, True, like)

@@ -14,11 +14,11 @@ from llmsp.prune.plan import KeepPlan
 from llmsp.prune.structure import LayerInfo, ModelStructure, get_module
 
 
-def empty_attention(o: nn.Linear, adds_residual: bool) -> EmptyAttention:
+def empty_attention(o: nn.Linear, adds_residual: bool, layer_idx: int | None = None) -> EmptyAttention:
     """The block that replaces an attention with every head pruned: it adds only o's bias (copied, frozen), if any.
     The class is the exported model's own (modeling_pruned.py), as is HeadGather, so sliced and exported models
     share one module tree."""
-    block = EmptyAttention(o.out_features, o.bias is not None, adds_residual, like=o.weight)
+    block = EmptyAttention(o.out_features, o.bias is not None, adds_residual, like=o.weight, layer_idx=layer_idx)
     if o.bias is not None:
         block.bias.data.copy_(o.bias.data)
         block.bias.requires_grad_(False)
@@ -47,7 +47,8 @@ def _slice_attention(s: ModelStructure, info: LayerInfo, heads: list[int], kv: l
     spec = s.spec
     attn = get_module(info.module, spec.attn)
     if not heads:
-        _set_module(info.module, spec.attn, empty_attention(info.linear(spec.o), adds_residual=s.arch == "bloom"))
+        _set_module(info.module, spec.attn, empty_attention(info.linear(spec.o), adds_residual=s.arch == "bloom",
+                                                            layer_idx=getattr(attn, "layer_idx", None)))
         return
     for c in info.head_weights:
         units = kv if c.kind == "kv" else heads

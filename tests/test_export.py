@@ -337,3 +337,23 @@ def test_tokenizer_metadata_built_from_transformers_equals_the_wheels_gguf():
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
                 "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
         assert built[key] == copied[key], key
+
+
+@pytest.mark.parametrize("name", ["tiny_llama_gqa", "tiny_opt", "tiny_bloom"])
+@torch.no_grad()
+def test_cached_decoding_with_a_headless_first_layer(name, tmp_path):
+    """A layer that lost every head still counts the tokens in the KV cache, so cached decoding keeps its positions:
+    the sliced model and its export decode token by token to the logits of full forwards."""
+    model, ckpt = pruned_checkpoint(name, lambda s: heterogeneous_plan(s, headless_first=True), tmp_path)
+    out = str(tmp_path / "hf")
+    export_checkpoint(ckpt, out, check=False)
+    loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    ids = IDS[:1, :8]
+    for m in (model, loaded):
+        step = m(input_ids=ids[:, :5], use_cache=True)
+        cache = step.past_key_values
+        for t in range(5, 8):
+            step = m(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            cache = step.past_key_values
+            full = m(input_ids=ids[:, :t + 1], use_cache=False).logits[:, -1]
+            torch.testing.assert_close(step.logits[:, -1], full, atol=1e-4, rtol=0)
