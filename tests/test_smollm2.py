@@ -27,3 +27,22 @@ def test_smollm2_structure_and_masked_equals_sliced():
     masked, sliced = masked_then_sliced_logits(model, s, plan, x)
     assert (masked - sliced).abs().max().item() < 1e-4
     assert num_params(model) == plan.params_after(s)
+
+
+def test_make_run_plan_is_the_same_on_one_and_two_threads(data_root):
+    """`make run`'s plan (sequential Wanda-sp at 0.2, bf16) does not depend on the thread count: bf16 matmuls reduce
+    in a different order on 1 and 2 threads, and the fp32-accumulated statistics still rank every unit the same."""
+    from llmsp.config import compose_config
+    from llmsp.prune.pipeline import build_method
+    from llmsp.prune.run_setup import load_run
+
+    cfg = compose_config([f"data.root={data_root}"])  # the defaults make run uses
+    setup = load_run(cfg)
+    threads, plans = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            plans.append(build_method(cfg).plan(setup.ctx).to_dict())
+    finally:
+        torch.set_num_threads(threads)
+    assert plans[0] == plans[1]
