@@ -203,6 +203,8 @@ def markdown(rows: list[dict]) -> str:
         if "failure" in r:
             continue
         timed = {k: v["seconds"] for k, v in r["stages"].items() if v["seconds"] is not None}
+        if len(set(timed) - {"load", "prune", "slice"} - {k for k in timed if k.startswith(("ppl_", "eval"))}) > 0:
+            timed.pop("prune", None)  # it contains the method's own stages (dense_forward, gradient, pg_optimize...)
         slow = max(timed, key=timed.get) if timed else ""
         share = f"{slow} ({timed[slow] / sum(timed.values()):.0%} of staged time)" if slow else ""
         lines.append(f"| {r['method']} | {r['ratio'].get('achieved', float('nan')):.4f} | "
