@@ -62,6 +62,13 @@ def test_the_model_configs_hold_the_checkpoints_shapes(name):
     assert (info.q_head_cost + info.kv_head_cost, info.channel_cost) == (4 * 4096 * 128, 3 * 4096)
 
 
+def test_llama2_13b_config_holds_the_checkpoints_shapes():
+    """LLaMA-2-13B: 40 x 317,204,480 per layer + 2 x 32,000 x 5,120 (untied) + 5,120 = 13,015,864,320 parameters."""
+    s = meta_structure("llama2_13b")
+    assert s.total_params == 13_015_864_320 and s.layer_params == 40 * 317_204_480
+    assert (s.layers[0].n_heads, s.layers[0].head_dim, s.layers[0].n_channels) == (40, 128, 13824)
+
+
 # (ratio, printed figure in B, its source): our MINI-LLM / LLM-Pruner plans remove `ratio` of every parameter
 LLAMA7B = [(0.2, "5.39", "LLM-Pruner statistics, Channel 20%"),
            (0.5, "3.37", "LLM-Pruner statistics, Channel 50%")]
