@@ -164,7 +164,7 @@ class Reconstruction:
 
     MODES = ("none", "bias", "lsq")
 
-    def __init__(self, name: str = "none", damping: float = 0.01):
+    def __init__(self, name: str = "none", damping: float = 1e-4):
         if name not in self.MODES:
             raise ValueError(f"reconstruct={name!r}: choose none, bias (FLAP's compensation) or lsq (ridge refit)")
         if damping < 0:
