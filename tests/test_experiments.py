@@ -241,11 +241,11 @@ def test_paper_scale_refuses_the_stand_in_root_naming_each_dataset(tmp_path, cap
     assert [line.split(" (")[0] for line in refused()[0].splitlines() if line.startswith("  - ")] == \
         ["  - WikiText-2 train split, for calibration", "  - ARC-Challenge test"]
     # the stand-ins a MINI-LLM table would read: BookCorpus and C4 are named with what the root holds instead
-    cfg = agg.compose_point("mini_llm_table1", ["model=tiny_llama", "data.root=../shared/data", "++data.full=true",
+    cfg = agg.compose_point("mini_llm_table1", ["model=tiny_llama", "data.root=../shared/data", "data.full=true",
                                                 "method=mini_llm", "recover=none", "ratio=0.2"])
     gaps = datacheck.full_data_gaps(cfg, build_method(cfg), os.path.join(ROOT, "..", "shared", "data"))
     assert len(gaps) == 1 and gaps[0].startswith("BookCorpus") and "text/books/*.txt (5 files)" in gaps[0]
-    cfg = agg.compose_point("pg_table1", ["model=tiny_llama", "data.root=../shared/data", "++data.full=true",
+    cfg = agg.compose_point("pg_table1", ["model=tiny_llama", "data.root=../shared/data", "data.full=true",
                                           "method=wanda_sp", "ratio=0.3"])
     gaps = datacheck.full_data_gaps(cfg, build_method(cfg), os.path.join(ROOT, "..", "shared", "data"))
     assert len(gaps) == 1 and "C4 train shard 00000" in gaps[0] and "c4_validation_2k.jsonl, holding 2,000" in gaps[0]
@@ -330,7 +330,7 @@ def test_run_table_dry_run_prints_each_multirun():
                 "hydra.launcher.partition=gpu", "evaluate.dtype=float16"):
         assert tok in lines[1].split(), tok
     assert all("evaluate.dtype=float16" in line.split() for line in lines)  # paper scale: the papers' fp16
-    assert all({"data.root=null", "++data.full=true"} <= set(line.split()) for line in lines)  # and their data
+    assert all({"data.root=null", "data.full=true"} <= set(line.split()) for line in lines)  # and their data
     smoke = agg.sweeps(agg.load_experiment("mini_llm_criterion"), "smoke")[0]
     assert not any(o.startswith("evaluate.dtype") for o in smoke)
 
