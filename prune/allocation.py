@@ -116,15 +116,13 @@ def select(s: ModelStructure, scores: dict, ratio: float, first: int, last: int,
         scores = {**scores, "groups": group_scores(s, scores["heads"], layers)}
     if allocation == "uniform":
         plan = _uniform(s, scores, target, layers, heads, channels, align.channels if align.active else 0)
-        unit = len(layers) * align.unit(s, layers, heads, channels)  # every layer keeps the same widths
-    elif allocation == "global":
-        plan = _global(s, scores, target, layers, heads, channels, align)
-        unit = align.unit(s, layers, heads, channels)
-    else:
-        raise ValueError(f"allocation={allocation!r}: choose uniform or global")
-    if align.active:
-        check_reached(s, s.total_params - plan.params_after(s), target, unit)
-    return plan
+        if align.active:  # every layer keeps the same widths: within one aligned unit per layer
+            check_reached(s, s.total_params - plan.params_after(s), target,
+                          len(layers) * align.unit(s, layers, heads, channels))
+        return plan
+    if allocation == "global":
+        return _global(s, scores, target, layers, heads, channels, align)  # remove_in_order checks the aligned target
+    raise ValueError(f"allocation={allocation!r}: choose uniform or global")
 
 
 def check_reached(s: ModelStructure, removed: float, target: float, unit: float) -> None:
