@@ -101,36 +101,17 @@ class SPSA:
         list(_pool().map(draw, range(-(-flat.numel() // CHUNK))))
         return out
 
-    def perturbed_weight(self, k: int, j: int, scale: float) -> torch.Tensor:
-        """W_j + scale · z_kj as a new tensor in W_j's dtype (added in fp32 or wider, rounded once)."""
+    def perturbed_weight(self, k: int, j: int, scale: float, z: torch.Tensor | None = None) -> torch.Tensor:
+        """W_j + scale · z_kj as a new tensor in W_j's dtype (added in fp32 or wider, rounded once); `z`: z_kj when
+        the caller has drawn it already."""
         w = self.linears[j].weight
         wide = w.to(torch.float64 if w.dtype == torch.float64 else torch.float32, copy=True)  # never a view of W
-        return wide.add_(self.z(k, j).to(wide.dtype), alpha=scale).to(w.dtype)
+        return wide.add_((self.z(k, j) if z is None else z).to(wide.dtype), alpha=scale).to(w.dtype)
 
     @contextmanager
-    def perturbed(self, k: int, scale: float):
-        """Inside the block every linears[j] computes F.linear(x, W_j + scale · z_kj, b_j); W_j is untouched.
-        An instance-level forward shadows nn.Linear.forward, so the module's hooks still run around it."""
-        for j, lin in enumerate(self.linears):
-            lin.forward = (lambda x, j=j, lin=lin: F.linear(x, self.perturbed_weight(k, j, scale), lin.bias))
-        try:
-            yield
-        finally:
-            for lin in self.linears:
-                del lin.forward
-
-    @contextmanager
-    def paired(self, k: int):
-        """Inside the block every linears[j], given a batch of two equal halves, computes the first half with
-        W_j + ε z_kj and the second with W_j − ε z_kj: z_kj drawn once for both signs; W_j is untouched."""
-        def forward(x: torch.Tensor, j: int, lin: torch.nn.Linear) -> torch.Tensor:
-            w, z = lin.weight, self.z(k, j)
-            wide = w.to(torch.float64 if w.dtype == torch.float64 else torch.float32, copy=True)
-            plus = wide.clone().add_(z, alpha=self.eps).to(w.dtype)  # rounded as perturbed_weight rounds
-            minus = wide.add_(z, alpha=-self.eps).to(w.dtype)
-            h = x.shape[0] // 2
-            return torch.cat([F.linear(x[:h], plus, lin.bias), F.linear(x[h:], minus, lin.bias)])
-
+    def _shadowed(self, forward: Callable[[torch.Tensor, int, torch.nn.Linear], torch.Tensor]):
+        """Inside the block every linears[j] computes forward(x, j, lin) instead of its own; W_j is untouched. An
+        instance-level forward shadows nn.Linear.forward, so the module's hooks still run around it."""
         for j, lin in enumerate(self.linears):
             lin.forward = (lambda x, j=j, lin=lin: forward(x, j, lin))
         try:
@@ -138,6 +119,20 @@ class SPSA:
         finally:
             for lin in self.linears:
                 del lin.forward
+
+    def perturbed(self, k: int, scale: float):
+        """Inside the block every linears[j] computes F.linear(x, W_j + scale · z_kj, b_j)."""
+        return self._shadowed(lambda x, j, lin: F.linear(x, self.perturbed_weight(k, j, scale), lin.bias))
+
+    def paired(self, k: int):
+        """Inside the block every linears[j], given a batch of two equal halves, computes the first half with
+        W_j + ε z_kj and the second with W_j − ε z_kj: z_kj drawn once for both signs."""
+        def forward(x: torch.Tensor, j: int, lin: torch.nn.Linear) -> torch.Tensor:
+            z, h = self.z(k, j), x.shape[0] // 2
+            return torch.cat([F.linear(x[:h], self.perturbed_weight(k, j, self.eps, z), lin.bias),
+                              F.linear(x[h:], self.perturbed_weight(k, j, -self.eps, z), lin.bias)])
+
+        return self._shadowed(forward)
 
     @torch.no_grad()
     def project(self, loss_fn: Callable[[], torch.Tensor]) -> float:
