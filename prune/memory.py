@@ -24,6 +24,15 @@ def proc_status_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
+def mem_available_bytes() -> int:
+    """MemAvailable of /proc/meminfo in bytes: what the machine can still give a process without swapping."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("MemAvailable not found in /proc/meminfo")
+
+
 def _read_hwm() -> int:
     return proc_status_bytes("VmHWM")
 

@@ -50,7 +50,9 @@ import time
 
 from omegaconf import OmegaConf
 
-PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from llmsp.prune.data import PROJECT_DIR
+from llmsp.prune.datacheck import cache_dir
+
 GB = 1e9
 GiB = 1024 ** 3
 RATIO = 0.4
@@ -75,23 +77,11 @@ def model_conf(name: str):
     return conf
 
 
-def hf_config(conf):
-    from transformers import AutoConfig
-    cfg = dict(OmegaConf.to_container(conf.config, resolve=True))
-    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-
-
 def weight_bytes(conf, elsize: int = 2) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config(conf))
-    return sum(p.numel() for p in model.parameters()) * elsize
+    """Bytes of the model's weights in a dtype of `elsize` bytes, from its shapes (meta device)."""
+    from llmsp.prune.validate import meta_model
 
-
-def mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    return sum(p.numel() for p in meta_model(conf).parameters()) * elsize
 
 
 def build_random_model(conf, target: str, seed: int = 0, std: float = 0.02) -> str:
@@ -101,9 +91,9 @@ def build_random_model(conf, target: str, seed: int = 0, std: float = 0.02) -> s
         return target
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
 
     from llmsp.prune.models import byte_tokenizer
+    from llmsp.prune.validate import meta_model
 
     parent = os.path.dirname(os.path.abspath(target)) or "."
     os.makedirs(parent, exist_ok=True)
@@ -112,9 +102,8 @@ def build_random_model(conf, target: str, seed: int = 0, std: float = 0.02) -> s
     if free < need:
         raise SystemExit(f"not enough disk for the random {conf.name}: needs {need / GB:.1f} GB, {free / GB:.1f} GB "
                          f"free under {parent}; pass --cache DIR on a larger disk")
-    config = hf_config(conf)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(conf)
+    config = model.config
     groups: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
     for name, p in model.named_parameters():  # tied weights appear once
         parts = name.split(".")
@@ -216,12 +205,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama7b")
     ap.add_argument("--methods", nargs="+", default=list(METHOD_OVERRIDES))
-    ap.add_argument("--cache", default=os.environ.get("PRUNE_CACHE", os.path.join(
-        os.path.expanduser("~"), ".cache", "llm-structured-pruning")))
+    ap.add_argument("--cache", default=cache_dir(), help="where the random model is built once ($PRUNE_CACHE)")
     ap.add_argument("--out", default=None, help="run folders and the report (default outputs/bench_scale/<model>)")
     ap.add_argument("--set", nargs="*", default=[], help="extra run.py overrides for every method")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, build and run nothing")
     args = ap.parse_args(argv)
+    from llmsp.prune.memory import mem_available_bytes
+
     conf = model_conf(args.model)
     target = os.path.join(args.cache, f"random_{args.model}")
     out = os.path.abspath(args.out or os.path.join(PROJECT_DIR, "outputs", "bench_scale", args.model))
@@ -240,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"# {m}: finished earlier in {run_dir}, not rerun", flush=True)
             rows.append(collect(m, run_dir, wbytes, None, None))
             continue
-        need, avail = RUN_RAM_FACTOR * wbytes, mem_available()
+        need, avail = RUN_RAM_FACTOR * wbytes, mem_available_bytes()
         if avail < need:
             raise SystemExit(f"{m}: needs ~{need / GiB:.1f} GiB of RAM ({RUN_RAM_FACTOR}x the {wbytes / GiB:.1f} GiB of "
                              f"weights), {avail / GiB:.1f} GiB available: stop other jobs and rerun (finished runs "

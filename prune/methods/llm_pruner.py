@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import torch
 
+from llmsp.prune.memory import mem_available_bytes
 from llmsp.prune.methods.base import PruneContext
 from llmsp.prune.methods.gradient_scoring import GradientScoring, scored_weights
+from llmsp.prune.models import resolve_dtype
 
 GiB = 1024 ** 3
 RUNTIME_BYTES = GiB // 2  # an allowance for Python, torch and the tokenizer (not measured per run)
@@ -43,11 +45,7 @@ def available_bytes(device: str | None) -> tuple[int, str]:
     if torch.cuda.is_available() and (device in (None, "auto") or str(device).startswith("cuda")):
         return torch.cuda.mem_get_info(torch.device("cuda" if device in (None, "auto") else device))[0], \
             "free CUDA memory"
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024, "MemAvailable (/proc/meminfo)"
-    raise RuntimeError("MemAvailable not found in /proc/meminfo")
+    return mem_available_bytes(), "MemAvailable (/proc/meminfo)"
 
 
 def backprop_memory_estimate(ctx: PruneContext, elsize: int, grad_samples: int, grad_batch_size: int,
@@ -92,7 +90,7 @@ class LLMPruner(GradientScoring):
         super().check_feasible(ctx)
         if self.gradient != "backprop" or not self.uses_g:
             return
-        elsize = torch.finfo(getattr(torch, self.dtype)).bits // 8 if self.dtype else 2  # unknown: bf16 (lower bound)
+        elsize = resolve_dtype(self.dtype).itemsize if self.dtype else 2  # unknown: bf16 (the lower bound)
         seq_len = self.grad_seq_len or ctx.calibration["seq_len"]
         est = backprop_memory_estimate(ctx, elsize, self.grad_samples, min(self.grad_batch_size, self.grad_samples),
                                        seq_len, self.gradient_checkpointing, self.taylor != "first")
