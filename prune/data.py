@@ -7,6 +7,7 @@ Relative roots are resolved against the project directory, not Hydra's run direc
 from __future__ import annotations
 
 import glob
+import gzip
 import json
 import logging
 import os
@@ -22,20 +23,25 @@ PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class Corpus:
     hub: tuple  # load_dataset args
     field: str
-    local: dict  # split -> file (glob) under data.root
+    local: dict  # split -> file globs under data.root, in order of preference: the full split, then a stand-in
     hub_kwargs: tuple = ()
 
 
+# A paper-scale root holds the full files under the first name of each split (docs/paper_data.md); the stand-in
+# root of ../shared/data holds the later names. C4's train shard is read as the hub ships it (.json.gz).
+C4_TRAIN = "text/c4/c4-train.00000-of-01024"
 CORPORA = {
-    "wikitext2": Corpus(("wikitext", "wikitext-2-raw-v1"), "text", {"test": "text/wikitext2/wiki.test.raw"}),
+    "wikitext2": Corpus(("wikitext", "wikitext-2-raw-v1"), "text",
+                        {"train": ("text/wikitext2/wiki.train.raw",), "test": ("text/wikitext2/wiki.test.raw",)}),
     "ptb": Corpus(("ptb_text_only", "penn_treebank"), "sentence",
-                  {"test": "text/ptb/ptb.test.txt", "validation": "text/ptb/ptb.valid.txt"}),
-    "c4": Corpus(("allenai/c4",), "text", {"validation": "text/c4/c4_validation_2k.jsonl",
-                                           "train": "text/c4/c4_validation_2k.jsonl"},
+                  {"test": ("text/ptb/ptb.test.txt",), "validation": ("text/ptb/ptb.valid.txt",)}),
+    "c4": Corpus(("allenai/c4",), "text",
+                 {"validation": ("text/c4/c4_validation_2k.jsonl",),
+                  "train": (f"{C4_TRAIN}.json.gz", f"{C4_TRAIN}.jsonl", "text/c4/c4_validation_2k.jsonl")},
                  (("data_files", {"train": "en/c4-train.00000-of-01024.json.gz",
                                   "validation": "en/c4-validation.00000-of-00008.json.gz"}),)),
     # BookCorpus is not redistributable: locally, public-domain novels stand in for it.
-    "bookcorpus": Corpus(("bookcorpus",), "text", {"train": "text/books/*.txt"}),
+    "bookcorpus": Corpus(("bookcorpus",), "text", {"train": ("text/books/*.txt",)}),
 }
 
 
@@ -56,23 +62,36 @@ def check_root(root: str | None) -> None:
 
 
 def corpus_files(name: str, split: str, root: str) -> list[str]:
-    """The local files of a corpus split under the resolved `root`; FileNotFoundError names what is missing."""
+    """The local files of a corpus split under the resolved `root`: those of the first of its file globs that
+    matches (the full split before its stand-in); FileNotFoundError names what is missing."""
     if name not in CORPORA:
         raise ValueError(f"Unknown dataset '{name}'; choose one of {sorted(CORPORA)}")
     corpus = CORPORA[name]
     if split not in corpus.local:
         raise FileNotFoundError(f"No local file for {name} split '{split}' under {root}; "
                                 f"local splits: {sorted(corpus.local)}")
-    files = sorted(glob.glob(os.path.join(root, corpus.local[split])))
-    if not files:
-        raise FileNotFoundError(f"{os.path.join(root, corpus.local[split])} is missing")
-    return files
+    for pattern in corpus.local[split]:
+        files = sorted(glob.glob(os.path.join(root, pattern)))
+        if files:
+            return files
+    raise FileNotFoundError(f"{' or '.join(os.path.join(root, p) for p in corpus.local[split])} is missing")
+
+
+def is_json_lines(path: str) -> bool:
+    """JSON Lines, plain or gzip-compressed (the hub ships C4's shards as JSON Lines named .json.gz)."""
+    return path.endswith((".jsonl", ".jsonl.gz", ".json.gz"))
+
+
+def open_text(path: str, binary: bool = False):
+    """A local data file for reading, gunzipped on the fly when its name ends in .gz."""
+    opener = gzip.open if path.endswith(".gz") else open
+    return opener(path, "rb") if binary else opener(path, "rt", encoding="utf-8")
 
 
 def read_jsonl(path: str) -> list[dict]:
     """Every non-blank line of a JSONL file; a line that does not parse raises ValueError naming file and line."""
     out = []
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
@@ -87,10 +106,10 @@ def _read_local(name: str, split: str, root: str) -> list[str]:
     corpus = CORPORA[name]
     rows: list[str] = []
     for path in corpus_files(name, split, root):
-        if path.endswith(".jsonl"):
+        if is_json_lines(path):
             rows += [r[corpus.field] for r in read_jsonl(path)]
             continue
-        with open(path, encoding="utf-8") as f:
+        with open_text(path) as f:
             if name == "wikitext2":  # the hub builder's rows: each line with its "\n", blank lines as ""
                 rows += [line if line.strip() else "" for line in f]
             elif name == "bookcorpus":
@@ -116,7 +135,8 @@ def load_rows(name: str, split: str, root: str | None) -> list[str]:
     except Exception as e:  # no network, no cache
         raise FileNotFoundError(
             f"Could not load {name}/{split} from the hub ({type(e).__name__}: {e}) and data.root is not set. "
-            f"Set data.root to a folder with {corpus.local.get(split, corpus.local)} (e.g. data.root=../shared/data)."
+            f"Set data.root to a folder with {corpus.local.get(split, ('its local files',))[0]} "
+            f"(e.g. data.root=../shared/data)."
         ) from e
 
 

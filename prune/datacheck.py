@@ -15,6 +15,7 @@ Two checks of sizes, also before any weight loads:
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ import os
 from dataclasses import dataclass
 
 from llmsp.prune.allocation import requested_ratio
-from llmsp.prune.data import CORPORA, calibration_files, corpus_files, read_jsonl, resolve_root
+from llmsp.prune.data import CORPORA, calibration_files, corpus_files, is_json_lines, open_text, read_jsonl, resolve_root
 
 log = logging.getLogger(__name__)
 SUMS = "SHA256SUMS"
@@ -80,7 +81,7 @@ def sha256(path: str) -> str:
 
 def parse(path: str) -> None:
     """Raise ValueError naming the file and line when it does not parse."""
-    if path.endswith(".jsonl"):
+    if is_json_lines(path):
         read_jsonl(path)
     elif path.endswith(".json"):
         with open(path, encoding="utf-8") as f:
@@ -90,7 +91,7 @@ def parse(path: str) -> None:
                 raise ValueError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}, column {e.colno}); "
                                  f"the file is truncated or corrupt, restore it") from None
     else:
-        with open(path, "rb") as f:
+        with open_text(path, binary=True) as f:
             for n, line in enumerate(f, 1):
                 try:
                     line.decode("utf-8")
@@ -207,17 +208,17 @@ FULL_TASKS = {
 
 
 def count_rows(path: str, cache: _Cache | None = None) -> int:
-    """Rows of a local data file as the loaders read it: JSON records (.json), non-blank lines (.jsonl), lines
-    (text: WikiText-2's blank lines count, as the hub's rows). Cached per file version."""
+    """Rows of a local data file as the loaders read it: JSON records (.json), non-blank lines (JSON Lines, also
+    gzipped), lines (text: WikiText-2's blank lines count, as the hub's rows). Cached per file version."""
     entry = cache.get(path) if cache is not None else {}
     if "rows" not in entry:
         if path.endswith(".json"):
             with open(path, encoding="utf-8") as f:
                 entry["rows"] = len(json.load(f))
         else:
-            blank_ok = not path.endswith(".jsonl")
+            blank_ok = not is_json_lines(path)
             n = 0
-            with open(path, "rb") as f:
+            with open_text(path, binary=True) as f:
                 for line in f:
                     n += blank_ok or bool(line.strip())
             entry["rows"] = n
@@ -251,19 +252,18 @@ def _corpus_gap(name: str, split: str, root: str, cache: _Cache) -> str | None:
     full = FULL_CORPORA.get((name, split))
     if full is None:
         return None
-    if split not in CORPORA[name].local:
-        return (f"{full.describe()}: the loader has no local path for this split (prune/data.py reads it from the hub "
-                f"only), so this root cannot hold it; use data.root=null")
+    wanted = CORPORA[name].local[split][0]
     try:
         files = corpus_files(name, split, root)
     except FileNotFoundError:
-        return f"{full.describe()}: {os.path.join(root, CORPORA[name].local[split])} is missing"
+        return f"{full.describe()}: {wanted} is missing"
     n = sum(count_rows(f, cache) for f in files)
     if n >= full.rows:
         return None
-    where = os.path.relpath(files[0], root) if len(files) == 1 else \
-        f"{CORPORA[name].local[split]} ({len(files)} files)"
-    return f"{full.describe()}: the loader reads {where}, holding {n:,} {full.unit}: a stand-in"
+    pattern = next(p for p in CORPORA[name].local[split] if fnmatch.fnmatch(os.path.relpath(files[0], root), p))
+    where = os.path.relpath(files[0], root) if len(files) == 1 else f"{pattern} ({len(files)} files)"
+    fix = "" if pattern == wanted else f"; the full split goes to {wanted}"
+    return f"{full.describe()}: the loader reads {where}, holding {n:,} {full.unit}: a stand-in{fix}"
 
 
 def _file_gap(full: Full, path: str, root: str, cache: _Cache, fix: str = "") -> str | None:

@@ -1,8 +1,10 @@
 """Every config option composes; run.py runs end to end; bad input fails early with a useful message."""
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +16,7 @@ from conftest import ROOT, tiny_model
 from llmsp.config import CONF_DIR as CONF
 from llmsp.config import compose_config
 from llmsp.evaluate.ppl import perplexity
-from llmsp.prune.data import calibration_batch, load_rows
+from llmsp.prune.data import calibration_batch, calibration_files, load_rows
 
 GROUPS = [g for g in ("model", "method", "calibration", "layer_range", "evaluate", "reconstruct", "recover", "logger",
                       "init")
@@ -113,6 +115,30 @@ def test_local_text_layout(data_root):
     assert len(ptb) == 3370 and ptb[0] == ptb[0].strip()
     with pytest.raises(FileNotFoundError, match="split"):
         load_rows("ptb", "train", data_root)
+
+
+def test_a_paper_scale_root_is_read_before_its_stand_ins(data_root, tmp_path):
+    """C4's train shard as the hub ships it (.json.gz) and WikiText-2's train split are read when the root holds
+    them; without them the loader falls back to the stand-ins (C4 validation documents, WikiText-2 test), and the
+    data.full check counts what the loader reads."""
+    from llmsp.prune import datacheck
+
+    root = tmp_path / "root"
+    shutil.copytree(os.path.join(data_root, "text"), root / "text")
+    assert calibration_files("c4", str(root))[0].endswith("c4_validation_2k.jsonl")
+    assert calibration_files("wikitext2", str(root))[0].endswith("wiki.test.raw")
+    docs = [{"text": f"train document {i} " + "word " * 40} for i in range(3)]
+    with gzip.open(root / "text" / "c4" / "c4-train.00000-of-01024.json.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(json.dumps(d) for d in docs) + "\n")
+    (root / "text" / "wikitext2" / "wiki.train.raw").write_text(" = A =\n\n train line\n", encoding="utf-8")
+    assert load_rows("c4", "train", str(root)) == [d["text"] for d in docs]
+    assert load_rows("c4", "validation", str(root))[0] != docs[0]["text"]  # validation keeps its own file
+    assert load_rows("wikitext2", "train", str(root)) == [" = A =\n", "", " train line\n"]
+    assert calibration_files("wikitext2", str(root))[0].endswith("wiki.train.raw")
+    cache = datacheck._Cache(str(tmp_path / "checks.json"))
+    assert datacheck._corpus_gap("c4", "train", str(root), cache).endswith(
+        "the loader reads text/c4/c4-train.00000-of-01024.json.gz, holding 3 documents: a stand-in")
+    datacheck.check_files(str(root), calibration_files("c4", str(root)), str(tmp_path / "checks.json"))
 
 
 def test_calibration_is_seeded(data_root):

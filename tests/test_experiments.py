@@ -249,6 +249,7 @@ def test_paper_scale_refuses_the_stand_in_root_naming_each_dataset(tmp_path, cap
                                           "method=wanda_sp", "ratio=0.3"])
     gaps = datacheck.full_data_gaps(cfg, build_method(cfg), os.path.join(ROOT, "..", "shared", "data"))
     assert len(gaps) == 1 and "C4 train shard 00000" in gaps[0] and "c4_validation_2k.jsonl, holding 2,000" in gaps[0]
+    assert gaps[0].endswith("; the full split goes to text/c4/c4-train.00000-of-01024.json.gz")
 
 
 def test_tables_the_papers_fine_tuned_run_lora():
