@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from llmsp.prune.alignment import Align, aligned_order, group_scores, uniform_channels
+from llmsp.prune.alignment import Align, aligned_order, balanced_lowest, group_scores, uniform_channels
 from llmsp.prune.plan import KeepPlan
 from llmsp.prune.structure import ModelStructure
 
@@ -115,7 +115,8 @@ def select(s: ModelStructure, scores: dict, ratio: float, first: int, last: int,
     if heads and align.heads == "kv_group" and "groups" not in scores:
         scores = {**scores, "groups": group_scores(s, scores["heads"], layers)}
     if allocation == "uniform":
-        plan = _uniform(s, scores, target, layers, heads, channels, align.channels if align.active else 0)
+        plan = _uniform(s, scores, target, layers, heads, channels, align.channels if align.active else 0,
+                        balanced=align.heads == "balanced")
         if align.active:  # every layer keeps the same widths: within one aligned unit per layer
             check_reached(s, s.total_params - plan.params_after(s), target,
                           len(layers) * align.unit(s, layers, heads, channels))
@@ -139,9 +140,10 @@ def _group_heads(info, groups: list[int]) -> list[int]:
     return [h for h in range(info.n_heads) if info.kv_of(h) in set(groups)]
 
 
-def _uniform(s, scores, target, layers, heads, channels, a: int = 0) -> KeepPlan:
+def _uniform(s, scores, target, layers, heads, channels, a: int = 0, balanced: bool = False) -> KeepPlan:
     """a: 0 (no alignment) spreads the channel budget to within one channel per layer; a >= 1 gives every layer the
-    same count that keeps a multiple of a (so equal layers keep equal widths)."""
+    same count that keeps a multiple of a (so equal layers keep equal widths). balanced: each layer's heads go
+    evenly from its KV groups (align.heads=balanced)."""
     p = target / max_removable(s, layers, heads, channels)
     rm_heads, removed = {}, 0
     by_group = "groups" in scores
@@ -152,8 +154,11 @@ def _uniform(s, scores, target, layers, heads, channels, a: int = 0) -> KeepPlan
             per = info.group_size * info.q_head_cost + info.kv_head_cost if by_group else \
                 info.q_head_cost + info.kv_head_cost / info.group_size
             k = round(p * n) if channels else min(n, round(target / len(layers) / per))  # heads alone: spread it
-            rm_heads[i] = _group_heads(info, _lowest(scores["groups"][i], k)) if by_group else \
-                _lowest(scores["heads"][i], k)
+            if by_group:
+                rm_heads[i] = _group_heads(info, _lowest(scores["groups"][i], k))
+            else:
+                rm_heads[i] = balanced_lowest(info, scores["heads"][i], k) if balanced else \
+                    _lowest(scores["heads"][i], k)
         plan = _plan_from_removed(s, rm_heads, {})
         removed = sum(plan.layer_params_removed(s, i) for i in layers)
     rm_ch = {}
@@ -194,19 +199,20 @@ def remove_in_order(s: ModelStructure, order: list[tuple[int, str, int]], target
     """Remove units (layer, kind, index) in the given order until `target` parameters are gone.
 
     Kinds: "h" a query head, "c" an MLP channel, "g" a whole KV group (the KV head and its remaining query heads),
+    "hb" a balanced block (one query head per KV group, align.heads=balanced),
     "l" a whole layer (depth orders). Real costs: a query head frees its q rows and o columns, plus its KV head's
     rows when it is the last query head of the group; a unit that would overshoot by more than half the smallest
     unit is skipped for a smaller one further down the order. Starts from `plan` (default: the full model) and
     counts only what this call removes. `smallest` (the tolerance unit) defaults to the smallest head or channel
     cost of the layers in `order`. With `align` active the order is regrouped into channel blocks ("cb", a tuple
-    of channels) and whole KV groups (alignment.aligned_order), the tolerance is the largest aligned unit, and a
+    of channels) and whole KV groups or balanced head blocks (alignment.aligned_order), the tolerance is the largest aligned unit, and a
     target the aligned units cannot reach raises InfeasibleRatio with the nearest feasible ratio.
     """
     plan = KeepPlan.full(s) if plan is None else KeepPlan.from_dict(plan.to_dict())
     if align.active:
         order = aligned_order(s, order, plan.channels, align)
         kinds = {k for _, k, _ in order}
-        smallest = align.unit(s, sorted({i for i, _, _ in order}), bool(kinds & {"h", "g"}), "cb" in kinds)
+        smallest = align.unit(s, sorted({i for i, _, _ in order}), bool(kinds & {"h", "g", "hb"}), "cb" in kinds)
     heads = [set(h) for h in plan.heads]
     chans = [set(c) for c in plan.channels]
     gone = set(plan.removed_layers)
@@ -228,6 +234,10 @@ def remove_in_order(s: ModelStructure, order: list[tuple[int, str, int]], target
         elif kind == "h":
             mates = {h for h in heads[i] if info.kv_of(h) == info.kv_of(j)}
             drop, cost = {j} & heads[i], info.q_head_cost + (info.kv_head_cost if mates == {j} else 0)
+        elif kind == "hb":  # one query head per KV group; a group's KV head goes with its last query head
+            drop = set(j) & heads[i]
+            emptied = {info.kv_of(h) for h in heads[i]} - {info.kv_of(h) for h in heads[i] - drop}
+            cost = len(drop) * info.q_head_cost + len(emptied) * info.kv_head_cost
         else:  # "g": KV group j with the query heads it still serves
             drop = {h for h in heads[i] if info.kv_of(h) == j}
             cost = len(drop) * info.q_head_cost + info.kv_head_cost

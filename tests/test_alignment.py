@@ -25,15 +25,17 @@ def random_scores(s, seed):
 def assert_aligned(s, plan, align, layers):
     for i in layers:
         assert len(plan.channels[i]) % align.channels == 0, (i, len(plan.channels[i]))
+        info = s.layers[i]
+        sizes = [sum(info.kv_of(h) == g for h in plan.heads[i]) for g in range(info.n_kv)]
         if align.heads == "kv_group":
-            info = s.layers[i]
-            for g in range(info.n_kv):
-                members = [h for h in plan.heads[i] if info.kv_of(h) == g]
-                assert len(members) in (0, info.group_size), (i, g, members)
+            assert set(sizes) <= {0, info.group_size}, (i, sizes)
+        if align.heads == "balanced":  # every KV group keeps the same number of query heads
+            assert len(set(sizes)) == 1, (i, sizes)
 
 
 @pytest.mark.parametrize("allocation", ["global", "uniform"])
-@pytest.mark.parametrize("align", [Align(8), Align(32, "kv_group"), Align(1, "kv_group")])
+@pytest.mark.parametrize("align", [Align(8), Align(32, "kv_group"), Align(1, "kv_group"), Align(1, "balanced"),
+                                   Align(32, "balanced")])
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5])
 def test_select_gives_aligned_widths_at_the_ratio(allocation, align, ratio):
     _, _, s = tiny_model("tiny_llama_gqa")
@@ -62,6 +64,25 @@ def test_blocks_follow_the_method_order():
     assert plan.channels[0] == list(range(n - 48))  # 44 channels -> the nearest multiple of 16 is 48
 
 
+def test_balanced_blocks_take_one_head_per_group_in_the_method_order():
+    """align.heads=balanced: the r-th block is the r-th head of each KV group in the order; a block that empties
+    the groups also frees their KV heads."""
+    _, _, s = tiny_model("tiny_llama_gqa")
+    info = s.layers[0]  # 4 query heads, 2 KV heads: groups {0, 1} and {2, 3}
+    order = [(0, "h", h) for h in (3, 1, 0, 2)]
+    block = 2 * info.q_head_cost
+    # the target is met to within half the largest aligned unit (here the last block, with both KV heads)
+    plan = remove_in_order(s, order, 1.5 * block, align=Align(1, "balanced"))
+    assert plan.heads[0] == [0, 2]  # the first block: 3 (group 1) with 1 (group 0)
+    plan = remove_in_order(s, order, 2 * block + 2 * info.kv_head_cost, align=Align(1, "balanced"))
+    assert plan.heads[0] == []
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(info.n_heads, generator=g)
+    from llmsp.prune.alignment import balanced_lowest
+    got = balanced_lowest(info, scores, 2)
+    assert got == sorted([int(torch.argmin(scores[:2])), 2 + int(torch.argmin(scores[2:]))])
+
+
 def test_unreachable_aligned_target_names_the_nearest_ratio():
     _, _, s = tiny_model("tiny_llama_gqa")
     info = s.layers[0]
@@ -74,21 +95,23 @@ TINY = ["model=tiny_llama_gqa", f"data.root={DATA_ROOT}", "evaluate.ppl.max_wind
         "calibration.seq_len=32", "ratio=0.3"]
 
 
-@pytest.mark.parametrize("method", ["wanda_sp", "flap", "llm_pruner", "pg"])
-def test_every_width_method_aligns(method, tmp_path, data_root):
+@pytest.mark.parametrize("method,heads", [("wanda_sp", "kv_group"), ("flap", "kv_group"), ("llm_pruner", "kv_group"),
+                                          ("pg", "kv_group"), ("wanda_sp", "balanced"), ("pg", "balanced")])
+def test_every_width_method_aligns(method, heads, tmp_path, data_root):
     extra = {"pg": ["init=random", "method.n_segments=8", "method.batch_size=4", "method.seq_len=32",
                     "method.plot=false", f"+method.out_dir={tmp_path}"]}.get(method, [])
-    cfg = compose_config([*TINY, f"method={method}", "allocation=global", "align.channels=16", "align.heads=kv_group",
+    cfg = compose_config([*TINY, f"method={method}", "allocation=global", "align.channels=16", f"align.heads={heads}",
                           *extra])
     res = run(cfg, str(tmp_path))
     _, _, s = tiny_model("tiny_llama_gqa")
     plan = KeepPlan.load(str(tmp_path / "kept_units.json"))
-    assert_aligned(s, plan, Align(16, "kv_group"), range(s.num_layers))
-    assert abs(res["ratio"]["achieved"] - 0.3) * s.total_params <= Align(16, "kv_group").unit(s, range(4), True, True)
+    assert_aligned(s, plan, Align(16, heads), range(s.num_layers))
+    assert abs(res["ratio"]["achieved"] - 0.3) * s.total_params <= Align(16, heads).unit(s, range(4), True, True)
 
 
-def test_uniform_aligned_plan_exports_as_stock_llama(tmp_path, data_root):
-    cfg = compose_config([*TINY, "method=wanda_sp", "allocation=uniform", "align.channels=32", "align.heads=kv_group",
+@pytest.mark.parametrize("heads", ["kv_group", "balanced"])
+def test_uniform_aligned_plan_exports_as_stock_llama(heads, tmp_path, data_root):
+    cfg = compose_config([*TINY, "method=wanda_sp", "allocation=uniform", "align.channels=32", f"align.heads={heads}",
                           "save_model=true"])
     run(cfg, str(tmp_path))
     out = str(tmp_path / "hf")
