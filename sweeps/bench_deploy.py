@@ -1,6 +1,7 @@
 """Issue 27's deployment table for one method, end to end: prune, export to GGUF, quantize, time, join with the PPL.
 
     python -m llmsp.sweeps.bench_deploy [--method wanda_sp] [--ratios 0.2 0.3 0.5] [--channels 64]
+        [--heads kv_group balanced]
         [--allocations uniform global] [--out outputs/bench_deploy] [--dry-run] [-- extra run.py overrides]
 
 How to run it (the issue's table): on otherwise idle cores, one job at a time: no other model job, test run or
@@ -13,11 +14,11 @@ them; the table notes the load average before and after the benchmark, to be quo
 It is resumable: rerun the same command after an interruption and finished runs and exports are skipped (only the
 benchmark is always measured again). `--dry-run` prints every command without running anything.
 
-The grid (13 runs by default): the dense model, then for each ratio (of the whole model, `ratio_of=model`) and each
-allocation, the unaligned plan (`align=none`: the papers') and one aligned plan per --channels value
-(`align.channels=C align.heads=kv_group`). Each is, one at a time:
+The grid (19 runs by default): the dense model, then for each ratio (of the whole model, `ratio_of=model`) and each
+allocation, the unaligned plan (`align=none`: the papers') and one aligned plan per --channels value and --heads
+value (`align.channels=C align.heads=H`). Each is, one at a time:
 1. `run.py method=<method> ratio=<r> allocation=<a> layer_range=all save_model=true evaluate.ppl.max_windows=400
-   [align.channels=C align.heads=kv_group] [extra overrides] hydra.run.dir=<out>/runs/<name>` (skipped when its
+   [align.channels=C align.heads=H] [extra overrides] hydra.run.dir=<out>/runs/<name>` (skipped when its
    results.json has PPL and its checkpoint is saved); WikiText-2 and PTB PPL on 400 windows each;
 2. `python -m llmsp.prune.export <run dir> --out <out>/export/<name> --gguf f16`, its JSON summary (architecture,
    repeated KV heads) kept as export_summary.json (skipped when both exist and are newer than the run's checkpoint);
@@ -57,10 +58,11 @@ from llmsp.prune.data import PROJECT_DIR
 
 @dataclass(frozen=True)
 class Plan:
-    """One row of the grid: the dense model (ratio None) or a method at a ratio, allocation and channel alignment."""
+    """One row of the grid: the dense model (ratio None) or a method at a ratio, allocation and alignment."""
     ratio: float | None = None
     allocation: str = ""
-    channels: int = 1  # 1: unaligned (align=none); C: align.channels=C align.heads=kv_group
+    channels: int = 1  # 1: unaligned (align=none); C: align.channels=C align.heads=<heads>
+    heads: str = "kv_group"  # align.heads of an aligned plan: kv_group | balanced
 
     @property
     def dense(self) -> bool:
@@ -68,7 +70,7 @@ class Plan:
 
     @property
     def align(self) -> str:
-        return "–" if self.dense else "none" if self.channels == 1 else f"c{self.channels}-kv_group"
+        return "–" if self.dense else "none" if self.channels == 1 else f"c{self.channels}-{self.heads}"
 
     def name(self, method: str) -> str:
         return "dense" if self.dense else f"{method}-r{self.ratio:g}-{self.allocation}-{self.align}"
@@ -77,9 +79,11 @@ class Plan:
         return Plan(self.ratio, self.allocation, 1)
 
 
-def grid(ratios: list[float], allocations: list[str], channels: list[int]) -> list[Plan]:
-    """Dense first, then per ratio and allocation the unaligned plan and one aligned plan per channel multiple."""
-    return [Plan()] + [Plan(r, a, c) for r in ratios for a in allocations for c in [1, *channels]]
+def grid(ratios: list[float], allocations: list[str], channels: list[int], heads: list[str]) -> list[Plan]:
+    """Dense first, then per ratio and allocation the unaligned plan and one aligned plan per channel multiple and
+    head alignment."""
+    return [Plan()] + [p for r in ratios for a in allocations
+                       for p in [Plan(r, a), *(Plan(r, a, c, h) for c in channels for h in heads)]]
 
 
 class Paths:
@@ -114,7 +118,7 @@ def run_command(plan: Plan, args, paths: Paths) -> list[str]:
         cmd += [f"method={args.method}", f"ratio={plan.ratio:g}", f"allocation={plan.allocation}"]
     cmd += ["layer_range=all", "save_model=true", f"evaluate.ppl.max_windows={args.windows}"]
     if plan.channels > 1:
-        cmd += [f"align.channels={plan.channels}", "align.heads=kv_group"]
+        cmd += [f"align.channels={plan.channels}", f"align.heads={plan.heads}"]
     return cmd + list(args.overrides) + [f"hydra.run.dir={paths.run(plan)}"]
 
 
@@ -271,6 +275,8 @@ def parse_args(argv):
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3, 0.5], help="of the whole model")
     ap.add_argument("--allocations", nargs="+", default=["uniform", "global"], choices=["uniform", "global"])
     ap.add_argument("--channels", type=int, nargs="+", default=[64], help="align.channels of the aligned plans (> 1)")
+    ap.add_argument("--heads", nargs="+", default=["kv_group", "balanced"], choices=["kv_group", "balanced"],
+                    help="align.heads of the aligned plans")
     ap.add_argument("--windows", type=int, default=400, help="PPL windows per dataset (evaluate.ppl.max_windows)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=512)
@@ -290,7 +296,7 @@ def parse_args(argv):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     paths, wall = Paths(args.out, args.method), {}
-    plans = grid(args.ratios, args.allocations, args.channels)
+    plans = grid(args.ratios, args.allocations, args.channels, args.heads)
     print(f"# {len(plans)} plans; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} "
           "(time only on otherwise idle cores)", flush=True)
     exported, commands = prepare(plans, args, paths, wall)

@@ -135,10 +135,11 @@ def test_deploy_dry_run_prints_the_grid_with_overrides_run_py_accepts(tmp_path, 
 
     out = str(tmp_path / "deploy")
     commands = bench_deploy.main(["--dry-run", "--ratios", "0.3", "--allocations", "uniform", "global",
-                                  "--channels", "32", "64", "--out", out, "--", "dtype=float32"])["commands"]
+                                  "--channels", "32", "64", "--heads", "kv_group", "balanced", "--out", out, "--",
+                                  "dtype=float32"])["commands"]
     assert commands == capsys.readouterr().out.splitlines()[1:]
     names = ["dense"] + [f"wanda_sp-r0.3-{a}-{c}" for a in ("uniform", "global")
-                         for c in ("none", "c32-kv_group", "c64-kv_group")]
+                         for c in ("none", "c32-kv_group", "c32-balanced", "c64-kv_group", "c64-balanced")]
     runs = [shlex.split(c) for c in commands if "run.py" in c]
     assert [r[-1] for r in runs] == [f"hydra.run.dir={out}/runs/{n}" for n in names]
     exports = [c for c in commands if "llmsp.prune.export" in c]
@@ -156,17 +157,18 @@ def test_deploy_dry_run_prints_the_grid_with_overrides_run_py_accepts(tmp_path, 
             assert cfg.method.name == "dense"
             continue
         assert (cfg.method.name, cfg.ratio, cfg.allocation) == ("wanda_sp", 0.3, name.split("-")[2])
-        aligned = name.endswith("kv_group")
-        assert (cfg.align.channels, cfg.align.heads) == ((int(name.split("-")[3][1:]), "kv_group") if aligned
-                                                         else (1, "query"))
+        aligned = not name.endswith("none")
+        assert (cfg.align.channels, cfg.align.heads) == ((int(name.split("-")[3][1:]), name.split("-")[4])
+                                                         if aligned else (1, "query"))
 
 
 def test_deploy_skips_finished_runs_and_joins_ppl_with_the_benchmark(tmp_path):
     from llmsp.sweeps import bench_deploy as deploy
 
-    args = deploy.parse_args(["--ratios", "0.3", "--allocations", "uniform", "--out", str(tmp_path)])
+    args = deploy.parse_args(["--ratios", "0.3", "--allocations", "uniform", "--heads", "kv_group", "--out",
+                              str(tmp_path)])
     paths = deploy.Paths(args.out, args.method)
-    plans = deploy.grid(args.ratios, args.allocations, args.channels)
+    plans = deploy.grid(args.ratios, args.allocations, args.channels, args.heads)
     for plan, ppl, kv in zip(plans, (20.0, 40.0, 41.0), (0, 12, 0)):
         os.makedirs(os.path.join(paths.run(plan), "model"))
         open(os.path.join(paths.run(plan), "model", "manifest.json"), "w").write("{}")
