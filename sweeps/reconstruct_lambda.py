@@ -5,7 +5,7 @@
 
 One model load, one plan (the configured method's), then for each λ: the dense weights restored, `lsq` refits with
 that λ on the calibration batch (the run's own: calibration.* and seed), and the pruned model's mean token loss is
-measured, with masks (masked == sliced), on --heldout C4 rows drawn with another seed (seed + 1000), so the rows the
+measured, with masks (masked == sliced), on --heldout C4 rows drawn with another seed (sweeps/heldout_c4.py), so the rows the
 refit saw are not the rows that judge it. Also reported: the plan without reconstruction and with `bias`. The λ with
 the lowest held-out loss is printed; conf/reconstruct/lsq.yaml's default records which run chose it.
 """
@@ -35,17 +35,17 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     from llmsp.config import compose_config
-    from llmsp.prune.data import calibration_batch
     from llmsp.prune.pipeline import build_method
     from llmsp.prune.reconstruct import Reconstruction
     from llmsp.prune.run_setup import load_run
+    from llmsp.sweeps.heldout_c4 import heldout_rows
 
     cfg = compose_config(["ratio=0.3", "ratio_of=layers", "layer_range=all", *args.set])
     setup = load_run(cfg)
     ctx, model = setup.ctx, setup.model
     plan = build_method(cfg).plan(ctx)
     c = cfg.calibration
-    rows = calibration_batch(setup.tokenizer, "c4", args.heldout, c.seq_len, cfg.seed + 1000, cfg.data.root)
+    rows = heldout_rows(setup.tokenizer, cfg, args.heldout)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     losses = {}
     for name, damping in [("none", 0.0), *[("lsq", d) for d in args.dampings], ("bias", 0.0)]:  # bias adds

@@ -6,12 +6,13 @@ import json
 import os
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
-from conftest import DATA_ROOT
+from conftest import DATA_ROOT, tiny_model
 from llmsp.config import compose_config
 from llmsp.prune.pipeline import run
-from llmsp.sweeps import pg_snapshots, ratio_ppl
+from llmsp.sweeps import heldout_c4, pg_snapshots, ratio_ppl
 
 TINY = ["model=tiny_llama_gqa", f"data.root={DATA_ROOT}", "evaluate.ppl.max_windows=4", "calibration.n_samples=4",
         "calibration.seq_len=32"]
@@ -44,3 +45,24 @@ def test_pg_snapshots_last_step_equals_the_pipeline(data_root, tmp_path):
     assert last["achieved_ratio"] == pytest.approx(ref["ratio"]["achieved"])
     for d, v in ref["ppl"].items():
         assert last["ppl"][d] == pytest.approx(v, rel=1e-4)
+
+
+def test_heldout_c4_scores_each_saved_model_on_rows_no_plan_saw(data_root, tmp_path):
+    """The held-out loss of a saved run is HF's own mean token loss of that model on C4 rows drawn with the run's
+    seed + 1000, which differ from its calibration rows."""
+    from llmsp.prune.checkpoint import load_pruned
+    from llmsp.prune.data import calibration_batch
+
+    _run(tmp_path / "dense", "method=dense", "save_model=true")
+    _run(tmp_path / "pruned", "method=wanda_sp", "ratio=0.3", "save_model=true")
+    got = heldout_c4.main([str(tmp_path / "dense"), str(tmp_path / "pruned"), "--heldout", "6", "--batch-size", "4",
+                           "--out", str(tmp_path / "h.json")])["heldout_c4_loss"]
+    cfg = compose_config(TINY)
+    model, tok, _ = tiny_model("tiny_llama_gqa")
+    rows = calibration_batch(tok, "c4", 6, 32, cfg.seed + 1000, DATA_ROOT)
+    assert not torch.equal(rows[:4], calibration_batch(tok, "c4", 4, 32, cfg.seed, DATA_ROOT))
+    with torch.no_grad():
+        assert got["dense"] == pytest.approx(float(model(input_ids=rows, labels=rows).loss), rel=1e-5)
+        pruned = load_pruned(str(tmp_path / "pruned" / "model"), dtype=torch.float32)[0]
+        assert got["pruned"] == pytest.approx(float(pruned(input_ids=rows, labels=rows).loss), rel=1e-5)
+    assert got["pruned"] != got["dense"] and json.load(open(tmp_path / "h.json"))["heldout_c4_loss"] == got
