@@ -121,6 +121,12 @@ def test_uniform_aligned_plan_exports_as_stock_llama(heads, tmp_path, data_root)
     assert loaded.config.model_type == "llama" and loaded.config.intermediate_size % 32 == 0
 
 
+def test_deploy_preset_is_a_valid_alignment():
+    """align=deploy (the setting sweeps/bench_deploy.py measured best) composes into a valid, active Align."""
+    align = Align.from_config(compose_config(["align=deploy"]).align)
+    assert align.active and align.channels > 1 and align.heads != "query"
+
+
 def test_alignment_is_refused_for_methods_without_widths(tmp_path, data_root):
     from llmsp.prune.pipeline import build_method
     from llmsp.prune.preflight import preflight

@@ -19,7 +19,7 @@ from llmsp.evaluate.ppl import perplexity
 from llmsp.prune.data import calibration_batch, calibration_files, load_rows
 
 GROUPS = [g for g in ("model", "method", "calibration", "layer_range", "evaluate", "reconstruct", "recover", "logger",
-                      "init")
+                      "init", "align")
           if os.path.isdir(os.path.join(CONF, g))]
 
 
