@@ -33,14 +33,9 @@ and repeated KV heads, file size, KV bytes per token, the bound ratios (bytes pe
 token) and the measured pp512 / tg128 ratios (f16, Q8_0) and eager ratios, then the benchmark's table with tok/s
 and its machine-state line (load average before and after). table.json also holds each step's wall time.
 
-Runtime, an ESTIMATE (not measured; 2 idle cores, SmolLM2-135M, the default grid): about 1.5 h, between 1 h 10 min
-and 2 h, from these parts:
-- 13 runs x ~4-7 min: PPL on 800 windows of 128 tokens dominates; `make run` (64 + 64 windows, 26 s of sequential
-  Wanda-sp scoring) took 1 min 44 s on 2 idle cores (docs/results.md), ~0.3-0.5 s per window;
-- 13 exports x ~15-30 s (load, HF directory with its round-trip check, f16 GGUF);
-- the benchmark ~10-15 min: 13 Q8_0 files (seconds each); llama.cpp, per type 13 models x 6 rounds (one warm-up)
-  x (pp512 ~1 s + tg128 ~2 s for dense, issue 13's pp128 ~500 and tg128 ~60 tok/s, less for pruned models);
-  eager, per model a load, 6 prompt forwards of 512 tokens (~1-2 s each in float32) and 6 x 16 decode steps.
+Runtime, measured on 2 idle cores (2026-12-06, SmolLM2-135M, the default grid of 19 plans; docs/results.md): a run
+130-168 s (mean 150 s; PPL on 800 windows most of it), an export 10 s, the benchmark of 19 models 13 min 48 s, so
+about 1 h 05 min end to end.
 """
 from __future__ import annotations
 
