@@ -244,7 +244,9 @@ def aligned_plan(allocation: str, align: Align):
 PLANS = {"dense": KeepPlan.full, "uniform": lambda s: uniform_plan("tiny_llama_gqa", s),
          "three_heads": three_heads_plan, "heterogeneous": heterogeneous_plan, "headless_first": lambda s: heterogeneous_plan(s, headless_first=True),
          "biases": heterogeneous_plan, "aligned_uniform": aligned_plan("uniform", Align(32, "kv_group")),
-         "aligned_global": aligned_plan("global", Align(16, "kv_group"))}
+         "aligned_global": aligned_plan("global", Align(16, "kv_group")),
+         "aligned_balanced_uniform": aligned_plan("uniform", Align(32, "balanced")),
+         "aligned_balanced_global": aligned_plan("global", Align(16, "balanced"))}
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_llama_gqa"])
@@ -255,13 +257,15 @@ def test_llama_cpp_logits_match_ours(name, plan, tmp_path):
 
     model, ckpt = pruned_checkpoint(name, PLANS[plan], tmp_path, biases=plan == "biases")
     summary = export_checkpoint(ckpt, str(tmp_path / "out"), gguf_types=("f32",), check=False)["gguf"][0]
-    uniform = plan in ("dense", "uniform", "three_heads", "aligned_uniform")  # three_heads: 3 KV rows in every layer
-    if plan == "aligned_global":  # per-layer widths differ unless the ranking happens to give equal ones
+    # three_heads: 3 KV rows in every layer; aligned global plans: per-layer widths differ unless the ranking
+    # happens to give equal ones
+    uniform = plan in ("dense", "uniform", "three_heads", "aligned_uniform", "aligned_balanced_uniform")
+    if plan.startswith("aligned") and plan.endswith("global"):
         kept = PLANS[plan](tiny_model(name)[2])
         uniform = len({(len(h), len(c)) for h, c in zip(kept.heads, kept.channels)}) == 1
     assert gguf_arch(summary["path"]) == ("llama" if uniform else "deci") == summary["arch"]
     if plan.startswith("aligned"):
-        assert summary["extra_kv_heads"] == 0  # whole KV groups: no KV head is repeated
+        assert summary["extra_kv_heads"] == 0  # whole or equal KV groups: no KV head is repeated
     elif name == "tiny_llama_gqa" and plan not in ("dense", "uniform"):
         assert summary["extra_kv_heads"] > 0  # HeadGather layers were rewritten by repeating KV heads
     llm = open_gguf(summary["path"], n_ctx=64)
