@@ -66,3 +66,22 @@ def test_heldout_c4_scores_each_saved_model_on_rows_no_plan_saw(data_root, tmp_p
         pruned = load_pruned(str(tmp_path / "pruned" / "model"), dtype=torch.float32)[0]
         assert got["pruned"] == pytest.approx(float(pruned(input_ids=rows, labels=rows).loss), rel=1e-5)
     assert got["pruned"] != got["dense"] and json.load(open(tmp_path / "h.json"))["heldout_c4_loss"] == got
+
+
+def test_saved_plan_reapplies_a_runs_plan(data_root, tmp_path):
+    """method=saved_plan gives the saved run's kept units and PPL; a ratio the plan does not meet, and a plan of
+    another model, are refused before the model loads."""
+    from llmsp.prune.errors import ConfigError
+
+    ref = _run(tmp_path / "ref", "method=wanda_sp", "ratio=0.3")
+    plan_file = str(tmp_path / "ref" / "kept_units.json")
+    again = _run(tmp_path / "again", "method=saved_plan", f"method.path={plan_file}", "ratio=0.3")
+    assert json.load(open(tmp_path / "again" / "kept_units.json")) == json.load(open(plan_file))
+    assert again["ppl"] == ref["ppl"] and again["params"] == ref["params"]
+    with pytest.raises(ConfigError, match=r"removes 0\.3\d+ of the model, the run asks for 0\.2000"):
+        _run(tmp_path / "bad_ratio", "method=saved_plan", f"method.path={plan_file}", "ratio=0.2")
+    short = json.load(open(plan_file))
+    short = {k: v[:-1] if isinstance(v, list) and k != "removed_layers" else v for k, v in short.items()}
+    json.dump(short, open(tmp_path / "short.json", "w"))  # a plan of a model with one layer fewer
+    with pytest.raises(ConfigError, match="3 layers, the model 4: it was saved for another model"):
+        _run(tmp_path / "bad_model", "method=saved_plan", f"method.path={tmp_path / 'short.json'}", "ratio=0.3")
