@@ -48,6 +48,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from llmsp.prune.alignment import HEADS
 from llmsp.prune.data import PROJECT_DIR
 
 
@@ -270,7 +271,8 @@ def parse_args(argv):
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3, 0.5], help="of the whole model")
     ap.add_argument("--allocations", nargs="+", default=["uniform", "global"], choices=["uniform", "global"])
     ap.add_argument("--channels", type=int, nargs="+", default=[64], help="align.channels of the aligned plans (> 1)")
-    ap.add_argument("--heads", nargs="+", default=["kv_group", "balanced"], choices=["kv_group", "balanced"],
+    aligned_heads = [h for h in HEADS if h != "query"]  # the head alignments of prune/alignment.py
+    ap.add_argument("--heads", nargs="+", default=aligned_heads, choices=aligned_heads,
                     help="align.heads of the aligned plans")
     ap.add_argument("--windows", type=int, default=400, help="PPL windows per dataset (evaluate.ppl.max_windows)")
     ap.add_argument("--threads", type=int, default=2)

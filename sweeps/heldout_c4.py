@@ -64,11 +64,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", help="write the results as JSON")
     args = ap.parse_args(argv)
 
-    from llmsp.prune.checkpoint import load_pruned
+    from transformers import AutoTokenizer
+
     from llmsp.prune.export import find_checkpoint
+    from llmsp.prune.results import write_json
 
     cfg = run_config(args.runs[0])
-    tokenizer = load_pruned(find_checkpoint(args.runs[0]))[1]
+    tokenizer = AutoTokenizer.from_pretrained(find_checkpoint(args.runs[0]))  # the tokenizer load_pruned gives
     rows = heldout_rows(tokenizer, cfg, args.heldout)  # (N, T)
     losses = {}
     for run in args.runs:
@@ -81,8 +83,7 @@ def main(argv=None) -> dict:
     result = {"heldout": args.heldout, "seq_len": int(rows.shape[1]), "seed": cfg.seed + HELDOUT_SEED_OFFSET,
               "heldout_c4_loss": losses}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
     return result
 
 

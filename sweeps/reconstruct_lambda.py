@@ -37,6 +37,7 @@ def main(argv=None) -> dict:
     from llmsp.config import compose_config
     from llmsp.prune.pipeline import build_method
     from llmsp.prune.reconstruct import Reconstruction
+    from llmsp.prune.results import write_json
     from llmsp.prune.run_setup import load_run
     from llmsp.sweeps.heldout_c4 import heldout_rows
 
@@ -64,8 +65,7 @@ def main(argv=None) -> dict:
                          "heldout": args.heldout, "seq_len": c.seq_len, "calibration": [c.dataset, c.n_samples]},
               "heldout_c4_loss": losses, "best": best}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
     return result
 
 
