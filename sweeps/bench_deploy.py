@@ -33,9 +33,7 @@ and repeated KV heads, file size, KV bytes per token, the bound ratios (bytes pe
 token) and the measured pp512 / tg128 ratios (f16, Q8_0) and eager ratios, then the benchmark's table with tok/s
 and its machine-state line (load average before and after). table.json also holds each step's wall time.
 
-Runtime, measured on 2 idle cores (2026-12-06, SmolLM2-135M, the default grid of 19 plans; docs/results.md): a run
-130-168 s (mean 150 s; PPL on 800 windows most of it), an export 10 s, the benchmark of 19 models 13 min 48 s, so
-about 1 h 05 min end to end.
+Runtime of the default grid on a 2-core CPU: docs/results.md ("Deployment widths").
 """
 from __future__ import annotations
 
