@@ -91,12 +91,23 @@ def layer_inputs(model: nn.Module, layer: nn.Module, batch: torch.Tensor, batch_
     return captured
 
 
+def hidden_of(entry: tuple[tuple, dict]) -> torch.Tensor:
+    """The hidden states (B, T, C) of one stored layer input."""
+    args, kwargs = entry
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_hidden(entry: tuple[tuple, dict], y: torch.Tensor) -> tuple[tuple, dict]:
+    """The stored layer input `entry` with its hidden states replaced by y (the other arguments kept)."""
+    args, kwargs = entry
+    return ((y,) + tuple(args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": y})
+
+
 @torch.no_grad()
 def run_layer(layer: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
     """Run `layer` on every stored input; returns the next layer's inputs (its hidden states, the same kwargs)."""
     out = []
-    for args, kwargs in inputs:
-        y = layer(*args, **kwargs)
-        y = y[0] if isinstance(y, tuple) else y  # (B, T, C)
-        out.append(((y,) + tuple(args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": y}))
+    for entry in inputs:
+        y = layer(*entry[0], **entry[1])
+        out.append(with_hidden(entry, y[0] if isinstance(y, tuple) else y))  # y: (B, T, C)
     return out

@@ -11,8 +11,14 @@ forward passes only, for any method's plan:
   Y = W X, so with the Gram matrix G = X Xᵀ (all input columns, fp32) and kept columns k:
       W_k' = W G[:, k] (G[k, k] + λ I)⁻¹,   λ = damping · mean(diag G[k, k]).
   Only G is accumulated (in × in per matrix, no Y), so peak memory stays near a forward pass. The layer is run
-  three times: with its heads unmasked up to o_proj's input (G of o_proj), with the refitted attention and its
-  channels unmasked up to the MLP's output projection (G of it), and once pruned, to give the next layer its input.
+  twice: with its heads unmasked up to o_proj's input (G of o_proj), then with the refitted attention and its
+  channels unmasked through to its output, the MLP's output projection silenced (its output replaced by zeros) while
+  its G and its kept input columns X_k are recorded. The layer's output is then the residual stream without that
+  matrix plus X_k W_k'ᵀ (+ bias), which gives the next layer its input without a third pass. That needs the layer's
+  output to be additive in the projection's output (residual + W x: LLaMA, pre-LN OPT, BLOOM); each layer checks it
+  on its first calibration batch against a real forward and, where it fails (a post-LN layer), runs the pruned layer
+  again instead. X_k costs rows x kept x the model's bytes per value (SmolLM2's down_proj at 128 x 128 rows and
+  70%: 35 MB; LLaMA-7B's: 250 MB); above `cache_mb` the stage runs the third pass instead of keeping it.
   The stage works on the masked dense model, where a pruned head's or channel's activations can still be observed
   without a second copy of the model; slicing afterwards drops the columns that were not refitted.
 Each refitted matrix records its relative reconstruction error on the calibration rows,
@@ -20,16 +26,20 @@ Each refitted matrix records its relative reconstruction error on the calibratio
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from llmsp.prune.calibration import layer_inputs, run_batches, run_layer
+from llmsp.prune.calibration import hidden_of, layer_inputs, run_batches, run_layer, with_hidden
 from llmsp.prune.masks import Masker
 from llmsp.prune.plan import KeepPlan
 from llmsp.prune.structure import ModelStructure
+
+log = logging.getLogger(__name__)
 
 
 class RunningStats:
@@ -147,6 +157,33 @@ class GramOf:
         self._handle.remove()
 
 
+class SilencedOutput:
+    """While active, `lin` (a layer's last matrix) outputs zeros, and its inputs x (..., in) leave Σ x xᵀ (fp32,
+    `gram`) and x[..., kept] (the model's dtype, one tensor per call in `kept_inputs`)."""
+
+    def __init__(self, lin: nn.Linear, kept: torch.Tensor):
+        self.lin, self.kept, self.gram, self.kept_inputs = lin, kept, None, []
+
+    def __enter__(self) -> "SilencedOutput":
+        def observe(module, args):
+            x = args[0].detach()
+            flat = x.reshape(-1, x.shape[-1]).float()  # (rows, in)
+            self.gram = flat.T @ flat if self.gram is None else self.gram + flat.T @ flat
+            self.kept_inputs.append(x.index_select(-1, self.kept))  # (B, T, k); OPT's fc2 sees (B*T, k)
+
+        self._handles = [self.lin.register_forward_pre_hook(observe),
+                         self.lin.register_forward_hook(lambda module, args, out: torch.zeros_like(out))]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _output(y) -> torch.Tensor:
+    return y[0] if isinstance(y, tuple) else y  # (B, T, C)
+
+
 def _observe(layer: nn.Module, inputs: list, lin: nn.Linear) -> torch.Tensor:
     """G of `lin`'s input over every stored layer input (the layer runs only up to `lin`)."""
     with GramOf(lin) as g:
@@ -164,12 +201,16 @@ class Reconstruction:
 
     MODES = ("none", "bias", "lsq")
 
-    def __init__(self, name: str = "none", damping: float = 1e-4):
+    def __init__(self, name: str = "none", damping: float = 1e-4, cache_mb: float = 1024):
         if name not in self.MODES:
             raise ValueError(f"reconstruct={name!r}: choose none, bias (FLAP's compensation) or lsq (ridge refit)")
         if damping < 0:
             raise ValueError(f"reconstruct.damping={damping}: a ridge term is relative to mean(diag G), use >= 0")
-        self.name, self.damping = name, damping
+        if cache_mb < 0:
+            raise ValueError(f"reconstruct.cache_mb={cache_mb}: the most memory for the kept MLP inputs, use >= 0 "
+                             "(0: never keep them, run each layer a third time)")
+        self.name, self.damping, self.cache_mb = name, damping, cache_mb
+        self.additive = True  # lsq: whether this run's layers so far were residual + output projection
 
     def apply(self, ctx, plan: KeepPlan) -> dict:
         t0 = time.perf_counter()
@@ -190,21 +231,26 @@ class Reconstruction:
 
     @torch.no_grad()
     def _lsq(self, ctx, plan: KeepPlan) -> dict:
-        s = ctx.structure
+        s, self.additive = ctx.structure, True
         first = min(ctx.prunable)
         inputs = layer_inputs(ctx.model, s.layers[first].module, ctx.calib(), ctx.calibration["batch_size"])
         records = {}
         with Masker(s, plan) as masker:
             for i in tqdm(range(first, max(ctx.prunable) + 1), desc="lsq reconstruction", leave=False):
                 info, layer = s.layers[i], s.layers[i].module
-                if i not in plan.removed_layers:
-                    records[i] = {}
-                    for kind, path, units, mask in (("o", s.spec.o, plan.heads[i], masker.heads),
-                                                    ("ch_out", s.spec.mlp_out, plan.channels[i], masker.channels)):
-                        if 0 < len(units) < len(mask[i]):  # something pruned and something left to refit
-                            records[i][path] = self._refit(layer, inputs, info.linear(path),
-                                                           info.unit_index(kind, units), mask, i)
-                inputs = run_layer(layer, inputs)  # the next layer's input, from this layer as pruned and refitted
+                if i in plan.removed_layers:
+                    inputs = run_layer(layer, inputs)
+                    continue
+                records[i] = {}
+                if 0 < len(plan.heads[i]) < info.n_heads:  # something pruned and something left to refit
+                    records[i][s.spec.o] = self._refit(layer, inputs, info.linear(s.spec.o),
+                                                       info.unit_index("o", plan.heads[i]), masker.heads, i)
+                if 0 < len(plan.channels[i]) < info.n_channels:
+                    records[i][s.spec.mlp_out], inputs = self._refit_output(
+                        layer, inputs, info.linear(s.spec.mlp_out), info.unit_index("ch_out", plan.channels[i]),
+                        masker.channels, i)
+                else:
+                    inputs = run_layer(layer, inputs)  # the next layer's input, from this layer as pruned and refitted
         return records
 
     def _refit(self, layer: nn.Module, inputs: list, lin: nn.Linear, kept: torch.Tensor, mask: list, i: int) -> dict:
@@ -213,6 +259,37 @@ class Reconstruction:
         kept_mask, mask[i] = mask[i], torch.ones_like(mask[i])
         gram = _observe(layer, inputs, lin)
         mask[i] = kept_mask
+        return self._solve(lin, gram, kept)
+
+    def _solve(self, lin: nn.Linear, gram: torch.Tensor, kept: torch.Tensor) -> dict:
         new, err = ridge_refit(lin.weight.data, gram, kept.to(gram.device), self.damping)
         lin.weight.data[:, kept.to(lin.weight.device)] = new.to(lin.weight.device)
         return err
+
+    def _refit_output(self, layer: nn.Module, inputs: list, lin: nn.Linear, kept: torch.Tensor, mask: list,
+                      i: int) -> tuple[dict, list]:
+        """Refit layer i's last matrix `lin` (the MLP's output projection) and return (its record, the next layer's
+        inputs), from one pass with `lin` silenced when the layer is additive in it (module docstring)."""
+        rows = sum(hidden_of(e).shape[:-1].numel() for e in inputs)
+        if not self.additive or rows * len(kept) * lin.weight.element_size() > self.cache_mb * 2 ** 20:
+            return self._refit(layer, inputs, lin, kept, mask, i), run_layer(layer, inputs)
+        kept = kept.to(lin.weight.device)
+        kept_mask, mask[i] = mask[i], torch.ones_like(mask[i])
+        with SilencedOutput(lin, kept) as silenced:
+            rest = run_layer(layer, inputs)  # the layer's output without lin's: (B, T, C) per batch
+        mask[i] = kept_mask
+        record = self._solve(lin, silenced.gram, kept)
+        w = lin.weight[:, kept]  # (out, k), refitted
+        out = [with_hidden(e, hidden_of(e) + F.linear(x, w, lin.bias).view(hidden_of(e).shape))  # OPT: x is (B*T, k)
+               for e, x in zip(rest, silenced.kept_inputs)]
+        real = _output(layer(*inputs[0][0], **inputs[0][1])).float()  # the pruned, refitted layer, first batch
+        mine, contribution = hidden_of(out[0]).float(), (hidden_of(out[0]) - hidden_of(rest[0])).float()
+        gap = float((mine - real).norm() / contribution.norm().clamp(min=1e-30))
+        record["one_pass_gap"] = gap  # ||one-pass output - real output|| / ||the projection's contribution||
+        if gap > 1e-2:
+            log.warning("lsq: layer %d's output is not the residual stream + its MLP output projection's (gap %.3g "
+                        "of that projection's share on the first batch): each layer runs a third time from here on",
+                        i, gap)
+            self.additive = False
+            out = run_layer(layer, inputs)
+        return record, out

@@ -45,6 +45,14 @@ def test_ridge_refit_matches_lstsq_and_keeps_full_weights():
     assert abs(err["error_before"]) < 1e-12 and abs(err["error_after"]) < 1e-12
 
 
+def random_plan(s, allocation="global"):
+    """30% by random scores: heads and channels both pruned under either allocation."""
+    g = torch.Generator().manual_seed(0)
+    scores = {"heads": [torch.rand(x.n_heads, generator=g) for x in s.layers],
+              "channels": [torch.rand(x.n_channels, generator=g) for x in s.layers]}
+    return select(s, scores, 0.3, 0, 0, allocation)
+
+
 def heldout_error(model, s, plan, dense_logits, ids):
     with torch.no_grad(), Masker(s, plan):
         return float(((model(input_ids=ids).logits - dense_logits) ** 2).mean())
@@ -55,10 +63,7 @@ def heldout_error(model, s, plan, dense_logits, ids):
 def test_lsq_refit_lowers_error_on_heldout_rows_and_slices(name, allocation, data_root):
     ctx = ctx_for(name, data_root, allocation=allocation)
     s = ctx.structure
-    g = torch.Generator().manual_seed(0)  # random scores: heads and channels both pruned under either allocation
-    scores = {"heads": [torch.rand(x.n_heads, generator=g) for x in s.layers],
-              "channels": [torch.rand(x.n_channels, generator=g) for x in s.layers]}
-    plan = select(s, scores, 0.3, 0, 0, allocation)
+    plan = random_plan(s, allocation)
     assert any(len(h) < x.n_heads for h, x in zip(plan.heads, s.layers))
     ids = calibration_batch(ctx.tokenizer, "c4", 8, 32, seed=1234, root=data_root)  # held out: another seed's rows
     with torch.no_grad():
@@ -99,6 +104,44 @@ def test_lsq_with_layers_that_lose_every_head_or_channel(data_root, tmp_path):
         assert torch.equal(loaded(input_ids=ids).logits, before)
 
 
+def refit_logits(ctx, plan, ids, **kw) -> tuple[torch.Tensor, dict]:
+    """(the masked model's logits on `ids` after lsq with settings kw, the stage's per-layer records)."""
+    rec = Reconstruction("lsq", **kw).apply(ctx, plan)
+    with torch.no_grad(), Masker(ctx.structure, plan):
+        return ctx.model(input_ids=ids).logits, rec["layers"]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_one_pass_refit_equals_three_passes(name, data_root):
+    """The MLP projection refitted from one silenced pass (kept inputs cached) == the same refit with the pruned
+    layer run a third time (cache_mb=0): the same pruned model. (Weights are compared through the model's output:
+    where calibration rows are fewer than a projection's inputs the ridge solve amplifies 1e-7 differences.)"""
+    a, b = ctx_for(name, data_root), ctx_for(name, data_root)
+    plan = random_plan(a.structure)
+    ids = calibration_batch(a.tokenizer, "c4", 8, 32, seed=1234, root=data_root)
+    la, ra = refit_logits(a, plan, ids)
+    lb, rb = refit_logits(b, plan, ids, cache_mb=0)
+    gaps = [r[a.structure.spec.mlp_out]["one_pass_gap"] for r in ra.values() if a.structure.spec.mlp_out in r]
+    assert gaps and max(gaps) < 1e-5  # fp32: the one-pass output is the layer's own
+    assert not any("one_pass_gap" in x for r in rb.values() for x in r.values())
+    torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)
+
+
+def test_post_ln_layers_fall_back_to_the_third_pass(data_root, caplog):
+    """A post-LN OPT layer is not residual + fc2's output: the one-pass shortcut notices it on the first batch and
+    runs the layer again, so the refit still equals the three-pass one."""
+    a, b = ctx_for("tiny_opt", data_root), ctx_for("tiny_opt", data_root)
+    for c in (a, b):
+        for info in c.structure.layers:
+            info.module.do_layer_norm_before = False  # OPT-350m's layout
+    plan = random_plan(a.structure)
+    ids = calibration_batch(a.tokenizer, "c4", 8, 32, seed=1234, root=data_root)
+    la, _ = refit_logits(a, plan, ids)
+    assert "each layer runs a third time" in caplog.text
+    lb, _ = refit_logits(b, plan, ids, cache_mb=0)
+    torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)
+
+
 def test_full_plan_leaves_the_weights_as_they_are(data_root):
     ctx = ctx_for("tiny_llama", data_root)
     weights = {k: v.clone() for k, v in ctx.model.state_dict().items()}
@@ -129,6 +172,8 @@ def test_bad_reconstruct_settings_fail_early():
         Reconstruction("ols")
     with pytest.raises(ValueError, match="damping"):
         Reconstruction("lsq", damping=-1.0)
+    with pytest.raises(ValueError, match="cache_mb"):
+        Reconstruction("lsq", cache_mb=-1)
 
 
 def test_run_py_with_reconstruct_lsq_records_the_stage(tmp_path):
