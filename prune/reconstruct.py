@@ -27,6 +27,7 @@ Each refitted matrix records its relative reconstruction error on the calibratio
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
@@ -135,26 +136,58 @@ def ridge_refit(w: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping
     return new.to(w.dtype), {"error_before": before, "error_after": error(new)}
 
 
+class GramSum:
+    """Σ xᵀx (fp32, n x n) over the rows of every x (rows, n) added. Each add computes only the diagonal blocks and
+    those right of them, one strip of `width` rows of G per product (about half the multiply-adds of xᵀx); `value`
+    mirrors the upper blocks into the lower ones once, in place, so the full matrix costs no second copy."""
+
+    def __init__(self, n: int, device: torch.device, width: int = 256):
+        blocks = max(1, math.ceil(n / width))
+        self.edges = [round(b * n / blocks) for b in range(blocks + 1)]
+        self.gram = torch.zeros(n, n, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        e = self.edges
+        for a in range(len(e) - 1):
+            self.gram[e[a]:e[a + 1], e[a]:].addmm_(x[:, e[a]:e[a + 1]].T, x[:, e[a]:])
+
+    def value(self) -> torch.Tensor:
+        e = self.edges
+        for a in range(len(e) - 1):
+            for b in range(a + 1, len(e) - 1):
+                self.gram[e[b]:e[b + 1], e[a]:e[a + 1]] = self.gram[e[a]:e[a + 1], e[b]:e[b + 1]].T
+        return self.gram
+
+
+def _gram_of_call(sums: dict, x: torch.Tensor) -> None:
+    """Add x (..., n) to sums["g"], a GramSum made at the first call."""
+    flat = x.detach().reshape(-1, x.shape[-1]).float()  # (rows, n)
+    if "g" not in sums:
+        sums["g"] = GramSum(flat.shape[1], flat.device)
+    sums["g"].add(flat)
+
+
 class _Stop(Exception):
     """Raised by a Gram hook once its matrix's input is seen: the rest of the layer need not run."""
 
 
 class GramOf:
-    """Σ x xᵀ (fp32) of one Linear's input over the calls it sees; each call then ends the forward (_Stop)."""
+    """Σ x xᵀ (fp32, `gram` after the block) of one Linear's input over the calls it sees; each call then ends the
+    forward (_Stop)."""
 
     def __init__(self, lin: nn.Linear):
-        self.lin, self.gram = lin, None
+        self.lin, self._sums = lin, {}
 
     def __enter__(self) -> "GramOf":
         def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (rows, in)
-            self.gram = x.T @ x if self.gram is None else self.gram + x.T @ x
+            _gram_of_call(self._sums, args[0])
             raise _Stop
         self._handle = self.lin.register_forward_pre_hook(hook)
         return self
 
     def __exit__(self, *exc) -> None:
         self._handle.remove()
+        self.gram = self._sums["g"].value() if self._sums else None
 
 
 class SilencedOutput:
@@ -162,14 +195,12 @@ class SilencedOutput:
     `gram`) and x[..., kept] (the model's dtype, one tensor per call in `kept_inputs`)."""
 
     def __init__(self, lin: nn.Linear, kept: torch.Tensor):
-        self.lin, self.kept, self.gram, self.kept_inputs = lin, kept, None, []
+        self.lin, self.kept, self.kept_inputs, self._sums = lin, kept, [], {}
 
     def __enter__(self) -> "SilencedOutput":
         def observe(module, args):
-            x = args[0].detach()
-            flat = x.reshape(-1, x.shape[-1]).float()  # (rows, in)
-            self.gram = flat.T @ flat if self.gram is None else self.gram + flat.T @ flat
-            self.kept_inputs.append(x.index_select(-1, self.kept))  # (B, T, k); OPT's fc2 sees (B*T, k)
+            _gram_of_call(self._sums, args[0])
+            self.kept_inputs.append(args[0].detach().index_select(-1, self.kept))  # (B, T, k); OPT's fc2: (B*T, k)
 
         self._handles = [self.lin.register_forward_pre_hook(observe),
                          self.lin.register_forward_hook(lambda module, args, out: torch.zeros_like(out))]
@@ -178,6 +209,7 @@ class SilencedOutput:
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
+        self.gram = self._sums["g"].value() if self._sums else None
 
 
 def _output(y) -> torch.Tensor:

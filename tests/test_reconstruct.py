@@ -17,7 +17,7 @@ from llmsp.prune.memory import StageMeter
 from llmsp.prune.methods.base import PruneContext
 from llmsp.prune.methods.flap import FLAP
 from llmsp.prune.plan import KeepPlan
-from llmsp.prune.reconstruct import Reconstruction, ridge_refit
+from llmsp.prune.reconstruct import GramSum, Reconstruction, ridge_refit
 from llmsp.prune.slicing import apply_plan
 
 CALIB = {"dataset": "c4", "n_samples": 32, "seq_len": 32, "batch_size": 8}
@@ -51,6 +51,17 @@ def random_plan(s, allocation="global"):
     scores = {"heads": [torch.rand(x.n_heads, generator=g) for x in s.layers],
               "channels": [torch.rand(x.n_channels, generator=g) for x in s.layers]}
     return select(s, scores, 0.3, 0, 0, allocation)
+
+
+@pytest.mark.parametrize("n,width", [(7, 256), (50, 16), (48, 16), (33, 1)])
+def test_gram_sum_is_xtx_over_every_call(n, width):
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(rows, n, generator=g) for rows in (5, 40, 1)]
+    acc = GramSum(n, torch.device("cpu"), width)
+    for x in xs:
+        acc.add(x)
+    full = torch.cat(xs)
+    torch.testing.assert_close(acc.value(), full.T @ full, atol=1e-4, rtol=1e-5)
 
 
 def heldout_error(model, s, plan, dense_logits, ids):
