@@ -111,29 +111,28 @@ def compensate(s: ModelStructure, plan: KeepPlan, stats: RunningStats) -> list[s
     return added
 
 
-def ridge_refit(w: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float,
-                block: int = 1024) -> tuple[torch.Tensor, dict]:
+def ridge_refit(w: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float) -> tuple[torch.Tensor, dict]:
     """w (out, in), gram (in, in) = Σ x xᵀ over the calibration rows, kept (k,) column indices ->
     (W_k' (out, k) in w's dtype, {"error_before", "error_after"}) with the errors relative to ||W X||².
-    The solve is in float64 on the kept block only (G[k, k] with the ridge added to its diagonal in place, and
-    G[k, :] Wᵀ formed from the fp32 Gram), so beside the fp32 Gram it holds about two k x k and two k x out float64
-    matrices: for LLaMA-7B's down_proj at 70% kept, 0.48 GB of Gram plus ~1.5 GB of solve, one matrix at a time."""
-    gkk = gram[kept][:, kept].double()  # (k, k)
+    The solve is a float64 Cholesky of the kept block G[k, k] + λI (LU where that is not positive definite, as with
+    λ = 0 and fewer rows than columns), with G[k, :] Wᵀ formed in the Gram's dtype. ||W X||² and the error before
+    are quadratic forms of the Gram in its own dtype; the error after needs none: for the solution V,
+    V G[k, k] Vᵀ = <V, G[k, :] Wᵀ> - λ||V||². Beside the fp32 Gram it holds a k x k float64 matrix (and briefly its
+    fp32 copy) and two k x out float64 ones: for LLaMA-7B's down_proj at 70% kept, 0.48 GB of Gram plus ~1 GB."""
+    wg = w.to(gram.dtype)
+    total = float(((wg @ gram) * wg).sum(dtype=torch.float64))  # tr(W G Wᵀ) = ||W X||²
+    rhs = gram[kept] @ wg.T  # (k, out) = G[k, :] Wᵀ
+    gkk = gram[kept][:, kept]  # (k, k)
+    wk = wg[:, kept]
+    before = total - 2 * float((wk * rhs.T).sum(dtype=torch.float64)) + float((wk @ gkk * wk).sum(dtype=torch.float64))
+    gkk, rhs = gkk.double(), rhs.double()
     lam = damping * float(gkk.diagonal().mean().clamp(min=1e-12))
-    rhs = (gram[kept] @ w.to(gram.dtype).T).double()  # (k, out) = G[k, :] Wᵀ
-    wd = w.double()
-    total = 0.0  # tr(W G Wᵀ) = ||W X||², by column blocks of G in float64
-    for a in range(0, gram.shape[1], block):
-        total += float((wd @ gram[:, a:a + block].double() * wd[:, a:a + block]).sum())
-
-    def error(v: torch.Tensor) -> float:  # ||W X - V X_k||² / ||W X||², v (out, k) float64
-        return (total - 2 * float((v * rhs.T).sum()) + float((v @ gkk * v).sum())) / max(total, 1e-30)
-
-    before = error(wd[:, kept])
     gkk.diagonal().add_(lam)
-    new = torch.linalg.solve(gkk, rhs).T  # (out, k)
-    gkk.diagonal().sub_(lam)
-    return new.to(w.dtype), {"error_before": before, "error_after": error(new)}
+    chol, info = torch.linalg.cholesky_ex(gkk)
+    new = (torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.solve(gkk, rhs)).T  # (out, k)
+    after = total - float((new * rhs.T).sum()) - lam * float(new.pow(2).sum())
+    scale = max(total, 1e-30)
+    return new.to(w.dtype), {"error_before": before / scale, "error_after": after / scale}
 
 
 class GramSum:
