@@ -97,6 +97,11 @@ def hidden_of(entry: tuple[tuple, dict]) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def layer_output(y) -> torch.Tensor:
+    """A decoder layer's hidden states (B, T, C) from what it returns (a tensor, or a tuple led by one)."""
+    return y[0] if isinstance(y, tuple) else y
+
+
 def with_hidden(entry: tuple[tuple, dict], y: torch.Tensor) -> tuple[tuple, dict]:
     """The stored layer input `entry` with its hidden states replaced by y (the other arguments kept)."""
     args, kwargs = entry
@@ -108,6 +113,5 @@ def run_layer(layer: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[
     """Run `layer` on every stored input; returns the next layer's inputs (its hidden states, the same kwargs)."""
     out = []
     for entry in inputs:
-        y = layer(*entry[0], **entry[1])
-        out.append(with_hidden(entry, y[0] if isinstance(y, tuple) else y))  # y: (B, T, C)
+        out.append(with_hidden(entry, layer_output(layer(*entry[0], **entry[1]))))
     return out

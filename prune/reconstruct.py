@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from llmsp.prune.calibration import hidden_of, layer_inputs, run_batches, run_layer, with_hidden
+from llmsp.prune.calibration import hidden_of, layer_inputs, layer_output, run_batches, run_layer, with_hidden
 from llmsp.prune.masks import Masker
 from llmsp.prune.plan import KeepPlan
 from llmsp.prune.structure import ModelStructure
@@ -121,8 +121,9 @@ def ridge_refit(w: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping
     fp32 copy) and two k x out float64 ones: for LLaMA-7B's down_proj at 70% kept, 0.48 GB of Gram plus ~1 GB."""
     wg = w.to(gram.dtype)
     total = float(((wg @ gram) * wg).sum(dtype=torch.float64))  # tr(W G Wᵀ) = ||W X||²
-    rhs = gram[kept] @ wg.T  # (k, out) = G[k, :] Wᵀ
-    gkk = gram[kept][:, kept]  # (k, k)
+    g_k = gram[kept]  # (k, in) = G[k, :]
+    rhs, gkk = g_k @ wg.T, g_k[:, kept]  # (k, out) = G[k, :] Wᵀ, (k, k)
+    del g_k
     wk = wg[:, kept]
     before = total - 2 * float((wk * rhs.T).sum(dtype=torch.float64)) + float((wk @ gkk * wk).sum(dtype=torch.float64))
     gkk, rhs = gkk.double(), rhs.double()
@@ -136,34 +137,31 @@ def ridge_refit(w: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping
 
 
 class GramSum:
-    """Σ xᵀx (fp32, n x n) over the rows of every x (rows, n) added. Each add computes only the diagonal blocks and
-    those right of them, one strip of `width` rows of G per product (about half the multiply-adds of xᵀx); `value`
-    mirrors the upper blocks into the lower ones once, in place, so the full matrix costs no second copy."""
+    """Σ xᵀx (fp32, n x n) over the rows of every x (..., n) added; n and the device come from the first x. Each add
+    computes only the diagonal blocks and those right of them, one strip of `width` rows of G per product (about
+    half the multiply-adds of xᵀx); `value` mirrors the upper blocks into the lower ones once, in place, so the full
+    matrix costs no second copy (None when nothing was added)."""
 
-    def __init__(self, n: int, device: torch.device, width: int = 256):
-        blocks = max(1, math.ceil(n / width))
-        self.edges = [round(b * n / blocks) for b in range(blocks + 1)]
-        self.gram = torch.zeros(n, n, device=device)
+    def __init__(self, width: int = 256):
+        self.width, self.gram, self.edges = width, None, []
 
     def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # (rows, n)
+        if self.gram is None:
+            n = x.shape[1]
+            blocks = max(1, math.ceil(n / self.width))
+            self.edges = [round(b * n / blocks) for b in range(blocks + 1)]
+            self.gram = torch.zeros(n, n, device=x.device)
         e = self.edges
         for a in range(len(e) - 1):
             self.gram[e[a]:e[a + 1], e[a]:].addmm_(x[:, e[a]:e[a + 1]].T, x[:, e[a]:])
 
-    def value(self) -> torch.Tensor:
+    def value(self) -> torch.Tensor | None:
         e = self.edges
         for a in range(len(e) - 1):
             for b in range(a + 1, len(e) - 1):
                 self.gram[e[b]:e[b + 1], e[a]:e[a + 1]] = self.gram[e[a]:e[a + 1], e[b]:e[b + 1]].T
         return self.gram
-
-
-def _gram_of_call(sums: dict, x: torch.Tensor) -> None:
-    """Add x (..., n) to sums["g"], a GramSum made at the first call."""
-    flat = x.detach().reshape(-1, x.shape[-1]).float()  # (rows, n)
-    if "g" not in sums:
-        sums["g"] = GramSum(flat.shape[1], flat.device)
-    sums["g"].add(flat)
 
 
 class _Stop(Exception):
@@ -175,18 +173,18 @@ class GramOf:
     forward (_Stop)."""
 
     def __init__(self, lin: nn.Linear):
-        self.lin, self._sums = lin, {}
+        self.lin, self._sum = lin, GramSum()
 
     def __enter__(self) -> "GramOf":
         def hook(module, args):
-            _gram_of_call(self._sums, args[0])
+            self._sum.add(args[0])
             raise _Stop
         self._handle = self.lin.register_forward_pre_hook(hook)
         return self
 
     def __exit__(self, *exc) -> None:
         self._handle.remove()
-        self.gram = self._sums["g"].value() if self._sums else None
+        self.gram = self._sum.value()
 
 
 class SilencedOutput:
@@ -194,11 +192,11 @@ class SilencedOutput:
     `gram`) and x[..., kept] (the model's dtype, one tensor per call in `kept_inputs`)."""
 
     def __init__(self, lin: nn.Linear, kept: torch.Tensor):
-        self.lin, self.kept, self.kept_inputs, self._sums = lin, kept, [], {}
+        self.lin, self.kept, self.kept_inputs, self._sum = lin, kept, [], GramSum()
 
     def __enter__(self) -> "SilencedOutput":
         def observe(module, args):
-            _gram_of_call(self._sums, args[0])
+            self._sum.add(args[0])
             self.kept_inputs.append(args[0].detach().index_select(-1, self.kept))  # (B, T, k); OPT's fc2: (B*T, k)
 
         self._handles = [self.lin.register_forward_pre_hook(observe),
@@ -208,11 +206,7 @@ class SilencedOutput:
     def __exit__(self, *exc) -> None:
         for h in self._handles:
             h.remove()
-        self.gram = self._sums["g"].value() if self._sums else None
-
-
-def _output(y) -> torch.Tensor:
-    return y[0] if isinstance(y, tuple) else y  # (B, T, C)
+        self.gram = self._sum.value()
 
 
 def _observe(layer: nn.Module, inputs: list, lin: nn.Linear) -> torch.Tensor:
@@ -313,7 +307,7 @@ class Reconstruction:
         w = lin.weight[:, kept]  # (out, k), refitted
         out = [with_hidden(e, hidden_of(e) + F.linear(x, w, lin.bias).view(hidden_of(e).shape))  # OPT: x is (B*T, k)
                for e, x in zip(rest, silenced.kept_inputs)]
-        real = _output(layer(*inputs[0][0], **inputs[0][1])).float()  # the pruned, refitted layer, first batch
+        real = layer_output(layer(*inputs[0][0], **inputs[0][1])).float()  # the pruned, refitted layer, first batch
         mine, contribution = hidden_of(out[0]).float(), (hidden_of(out[0]) - hidden_of(rest[0])).float()
         gap = float((mine - real).norm() / contribution.norm().clamp(min=1e-30))
         record["one_pass_gap"] = gap  # ||one-pass output - real output|| / ||the projection's contribution||
