@@ -369,6 +369,28 @@ def test_interrupted_and_resumed_run_gives_the_same_mask(tmp_path, data_root):
         pg(tmp_path / "b", resume=True, lr=0.1).plan(make_ctx(data_root))
 
 
+def test_stop_after_is_a_prefix_of_the_full_schedule(tmp_path, data_root):
+    """stop_after=k ends on the full run's schedule: its s is the full run's snapshot at step k, its results say k of
+    the schedule's steps, its final probe loss is that of the plan it returns, and resume=true without stop_after ends
+    where the uninterrupted run does."""
+    full = pg(tmp_path / "a", snapshot_steps=[3])
+    plan_full = full.plan(make_ctx(data_root))
+    part, ctx = pg(tmp_path / "b", stop_after=3), make_ctx(data_root)
+    plan_part = part.plan(ctx)
+    ex = ctx.extras["pg"]
+    assert torch.equal(part.s, ckpt.load_snapshot(str(tmp_path / "a"), 3))
+    assert (ex["steps"], ex["schedule_steps"], ex["settings"]["stop_after"]) == (3, 6, 3)
+    with part.trainer:
+        probe = part.trainer.losses(part.probe, part.units.mask_from_plan(plan_part)[None])
+    assert ex["final_probe_loss"] == pytest.approx(float(probe[0]), rel=1e-6) and math.isfinite(ex["final_probe_loss"])
+    assert not torch.equal(part.s, full.s)  # it really stopped
+    resumed, ctx = pg(tmp_path / "b", resume=True), make_ctx(data_root)
+    assert resumed.plan(ctx).to_dict() == plan_full.to_dict() and torch.equal(resumed.s, full.s)
+    assert ctx.extras["pg"]["steps_this_run"] == 3
+    with pytest.raises(ValueError, match="stop_after=0"):
+        pg(tmp_path / "c", stop_after=0)
+
+
 @pytest.mark.parametrize("baseline", ["ema", "window"])
 def test_trainer_state_dict_resumes_exactly(data_root, baseline):
     """A trainer restored from another's state_dict (through a checkpoint's JSON) draws the same masks and moves s

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from conftest import DATA_ROOT, tiny_model
 from llmsp.config import compose_config
 from llmsp.prune.pipeline import run
-from llmsp.sweeps import heldout_c4, pg_snapshots, ratio_ppl
+from llmsp.sweeps import heldout_c4, pg_released_ablation, pg_snapshots, ratio_ppl
 
 TINY = ["model=tiny_llama_gqa", f"data.root={DATA_ROOT}", "evaluate.ppl.max_windows=4", "calibration.n_samples=4",
         "calibration.seq_len=32"]
@@ -85,3 +85,26 @@ def test_saved_plan_reapplies_a_runs_plan(data_root, tmp_path):
     json.dump(short, open(tmp_path / "short.json", "w"))  # a plan of a model with one layer fewer
     with pytest.raises(ConfigError, match="3 layers, the model 4: it was saved for another model"):
         _run(tmp_path / "bad_model", "method=saved_plan", f"method.path={tmp_path / 'short.json'}", "ratio=0.3")
+
+
+def test_pg_released_ablation_variants_compose_and_each_puts_back_the_paper_setting(tmp_path):
+    """Every variant of sweeps/pg_released_ablation.py composes; the one it names differs from pg_released exactly in
+    the settings it puts back, to method=pg's values (constant_lr: pg_cpu's lr); extra overrides replace the
+    protocol's, and a run directory with a checkpoint is resumed."""
+    abl = pg_released_ablation
+    pg = compose_config(["method=pg"]).method
+    ref = compose_config([o for o in abl.overrides("released", 300, str(tmp_path), []) if not o.startswith("hydra.")])
+    assert ref.method.stop_after == 300 and ref.method.n_segments // ref.method.batch_size == 2500
+    for name, changed in abl.VARIANTS.items():
+        argv = abl.overrides(name, 300, str(tmp_path / name), [])
+        cfg = compose_config([o for o in argv if not o.startswith("hydra.")])
+        diff = {k for k in ref.method if k != "init" and ref.method[k] != cfg.method[k]}
+        assert diff == {k.split(".", 1)[1] for k in changed if k.startswith("method.")}, name
+        for k in diff - {"lr"}:
+            assert cfg.method[k] == pg[k], (name, k)
+        assert (cfg.init.name != ref.init.name) == ("init" in changed)
+    assert compose_config(["method=pg_cpu"]).method.lr == float(abl.VARIANTS["constant_lr"]["method.lr"])
+    argv = abl.overrides("released", 300, str(tmp_path), ["method.n_segments=24"])
+    assert "method.n_segments=24" in argv and "method.n_segments=20000" not in argv and "resume=true" not in argv
+    (tmp_path / "pg_state.json").write_text("{}")
+    assert "resume=true" in abl.overrides("released", 300, str(tmp_path), [])

@@ -9,6 +9,8 @@ top-ranked s are kept up to the budget, the ratio met to within half the smalles
 Data: `n_segments` C4 segments of `seq_len` tokens (paper: 120k, i.e. 15k steps; a CPU run uses far fewer), shuffled
 once with the seed; step t reads rows (8t .. 8t+7) mod n_segments, so the data position is the step count. `steps`
 fixes the schedule's length instead of one epoch (Table A17 keeps the steps while the calibration set shrinks).
+`stop_after` ends the run early on that schedule (an ablation's first 300 steps of a 2,500-step cosine take the same
+lr as the full run's first 300); it checkpoints there, and resume=true with a later or no stop_after continues.
 Seeds: `seed` draws the data, its order and a random init; `sample_seed` (default seed + 1) drives the masks'
 Bernoulli draws alone, so Table A12's seed sweep varies the sampling with the initialisation fixed.
 Checkpoints: every `checkpoint_every` steps and when a non-finite loss stops the run (state.py), in the run directory
@@ -79,7 +81,7 @@ class PolicyGradient(PruningMethod):
                  budget: str = "single", gqa_unit: str = "query", n_segments: int = 120000, seq_len: int = 128,
                  checkpoint_every: int = 50, resume: bool = False, log_every: int = 10, out_dir: str | None = None,
                  plot: bool = True, snapshot_steps: list[int] | None = None, steps: int | None = None,
-                 sample_seed: int | None = None, **settings):
+                 sample_seed: int | None = None, stop_after: int | None = None, **settings):
         super().__init__(name)
         self.granularity = granularity
         self.init = init if init is not None else RandomInit()
@@ -87,7 +89,9 @@ class PolicyGradient(PruningMethod):
         self.n_segments, self.seq_len = n_segments, seq_len
         if steps is not None and steps < 1:
             raise ValueError(f"steps={steps}: give a positive number of optimisation steps, or null for one epoch")
-        self.steps, self.sample_seed = steps, sample_seed
+        if stop_after is not None and stop_after < 1:
+            raise ValueError(f"stop_after={stop_after}: give a positive step count, or null to run the whole schedule")
+        self.steps, self.sample_seed, self.stop_after = steps, sample_seed, stop_after
         self.checkpoint_every, self.resume, self.log_every = checkpoint_every, resume, log_every
         self.out_dir, self.plot, self.snapshot_steps = out_dir, plot, set(snapshot_steps or [])
         self.cfg = self.settings_cls(**settings)
@@ -148,6 +152,7 @@ class PolicyGradient(PruningMethod):
         epoch = self.steps or max(1, len(self.data) // B)
         self.stages = self.init.stages(ctx.ratio, epoch)
         self.total = sum(n for _, n in self.stages)
+        self.end = min(self.total, self.stop_after or self.total)  # the last step of this run; the schedule's is total
         self.order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(ctx.seed))
         # the masks' Bernoulli draws: their own seed when sample_seed is set, so a seed sweep varies only the sampling
         # while the data, its order and the init stay fixed (Table A12 fixes the initialisation)
@@ -200,10 +205,11 @@ class PolicyGradient(PruningMethod):
             ckpt.save_snapshot(self.run_dir, step, self.s)
 
     def train(self, ctx: PruneContext) -> None:
-        """The step loop, from the first step (or the checkpointed one) to the last, with the masks attached."""
+        """The step loop, from the first step (or the checkpointed one) to the last (or stop_after), with the masks
+        attached."""
         self.t0 = time.perf_counter()
         with ctx.meter.stage("pg_optimize"), self.trainer:
-            for step in range(self.start, self.total):
+            for step in range(self.start, self.end):
                 self.train_step(ctx, step)
 
     def train_step(self, ctx: PruneContext, step: int) -> None:
@@ -271,32 +277,37 @@ class PolicyGradient(PruningMethod):
                  rec["budget_fraction"], rec["s_entropy"], time.perf_counter() - self.t0)
 
     def finish(self, ctx: PruneContext) -> KeepPlan:
-        """The last snapshot and checkpoint, the final top-s plan, results.json's method_extras.pg and the plot."""
-        self.snapshot(self.total)
-        self.save_checkpoint(self.total)
+        """The last snapshot and checkpoint, the final top-s plan with its loss on the probe batch (the curves log s
+        before a step's update, so their last point is one update short), results.json's method_extras.pg and the
+        plot."""
+        self.snapshot(self.end)
+        self.save_checkpoint(self.end)
         plan = self.units.final_plan(self.s, ctx.ratio, ctx.align)
         ctx.extras["pg"] = self.summary()
+        with self.trainer:
+            ctx.extras["pg"]["final_probe_loss"] = float(
+                self.trainer.losses(self.probe, self.units.mask_from_plan(plan)[None])[0])
         if self.plot and self.run_dir:
             ctx.extras["pg"]["plot"] = plot_layer_sparsity(
                 ctx.structure, plan, self.run_dir,
-                f"{self.name} init={self.init.name} ratio={ctx.ratio} ({self.total} steps)")
+                f"{self.name} init={self.init.name} ratio={ctx.ratio} ({self.end} steps)")
         return plan
 
     def summary(self) -> dict:
         """The run for results.json: schedule, settings, curves and the final s."""
         units, s = self.units, self.s
         return {
-            "steps": self.total, "steps_this_run": self.total - self.start,
+            "steps": self.end, "schedule_steps": self.total, "steps_this_run": self.end - self.start,
             "optimize_wall_s": time.perf_counter() - self.t0, "stages": [list(x) for x in self.stages],
             "init": self.init.name, "units": units.n, "skipped_nan": self.records.skipped,
             "dropped_nan_samples": self.records.dropped,
             "settings": {**asdict(self.cfg), "granularity": self.granularity, "allocation": self.allocation,
                          "budget": self.budget_mode, "gqa_unit": self.gqa_unit, "n_segments": len(self.data),
-                         "steps": self.steps, "sample_seed": self.sample_seed},
+                         "steps": self.steps, "sample_seed": self.sample_seed, "stop_after": self.stop_after},
             "curves": self.records.curves, "expected_layer_sparsity": self.records.sparsity_curve,
             "layers": units.layers,
             "final_s": {"mean": float(s.mean()), "entropy": entropy(s), "kind_means": units.kind_means(s),
                         "kept_fraction": units.kept_fraction(s),
                         "frac_near_binary": float(((s < 0.05) | (s > 0.95)).double().mean())},
-            "snapshots": sorted(x for x in self.snapshot_steps if x <= self.total),
+            "snapshots": sorted(x for x in self.snapshot_steps if x <= self.end),
         }
