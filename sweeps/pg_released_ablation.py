@@ -18,6 +18,9 @@ steps is run (c)'s step-300 snapshot. The variants (leave one out, each named by
     ours_init     init=wanda_sp: the logit shift onto the budget and 128-token calibration, not the release's
                   additive sigmap on 1,024-token calibration
 
+The release's init is scored once, by the first variant that needs it, into <out-dir>/wanda_sp_released_scores
+.safetensors (init.scores_file); the others read it.
+
 Each variant runs in <out-dir>/<name> with run.py; one whose results.json already has `--steps` steps is not run
 again, and one stopped midway (or run for fewer steps) resumes from its checkpoint, so a stopped sweep continues where
 it was. Overrides after `--` replace the protocol's. The table printed at the end (and
@@ -45,13 +48,16 @@ VARIANTS = {
     "paper_score": {"method.score_scale": "paper", "method.eps": "0.01", "method.sample_clamped": "true"},
     "delta0_zero": {"method.delta0": "zero"},
     "constant_lr": {"method.lr_schedule": "constant", "method.lr": "0.006"},
-    "ours_init": {"init": "wanda_sp"},
+    "ours_init": {"init": "wanda_sp", "init.scores_file": "null"},
 }
 
 
 def overrides(name: str, steps: int, run_dir: str, extra: list[str]) -> list[str]:
-    """run.py's overrides of one variant: the protocol with the variant's settings over it."""
-    settings = {**PROTOCOL, **VARIANTS[name], "method.stop_after": str(steps), "hydra.run.dir": run_dir,
+    """run.py's overrides of one variant: the protocol with the variant's settings over it. The variants that keep
+    the release's init read its scores from one file beside their run directories (init.scores_file)."""
+    scores = os.path.join(os.path.dirname(run_dir), "wanda_sp_released_scores.safetensors")
+    settings = {**PROTOCOL, "init.scores_file": scores, **VARIANTS[name], "method.stop_after": str(steps),
+                "hydra.run.dir": run_dir,
                 **dict(o.split("=", 1) for o in extra)}
     if os.path.isfile(os.path.join(run_dir, "pg_state.json")):
         settings["resume"] = "true"

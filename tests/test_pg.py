@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -576,6 +577,36 @@ def test_rank_init_step0_top_s_plan_is_the_source_plan(data_root, source, ratio)
     assert torch.equal(torch.argsort(s[c][kept], stable=True), torch.argsort(raw["channels"][1][kept], stable=True))
     zscore = MetricInit(metric).init(ctx, table, ratio)  # the paper's transform: ordered alike within a layer
     assert torch.equal(torch.argsort(zscore[c], stable=True), torch.argsort(raw["channels"][1], stable=True))
+
+
+def test_init_scores_file_scores_once_and_refuses_other_settings(tmp_path, data_root):
+    """init.scores_file: the first init scores and writes the file; the next reads it instead of scoring (its metric
+    is not called) and gives the same s for another unit table (KV groups, separate budgets); a file made with other
+    calibration, another ratio or another model is refused naming what differs; a file that is no scores file is
+    refused too."""
+    import dataclasses
+
+    from llmsp.prune.methods.wanda_sp import WandaSP
+    path = str(tmp_path / "scores.safetensors")
+    ctx = make_ctx(data_root)
+    tables = (UnitTable(ctx.structure, ctx.prunable),
+              UnitTable(ctx.structure, ctx.prunable, budget="separate", gqa_unit="group"))
+    metric = WandaSP("wanda_sp", sequential_mask="released")
+    fresh = [MetricInit(metric).init(ctx, t, 0.3) for t in tables]
+    assert torch.equal(MetricInit(metric, scores_file=path).init(ctx, tables[0], 0.3), fresh[0])
+    assert os.path.isfile(path) and not os.path.exists(path + ".tmp")
+    metric.scores = lambda ctx: pytest.fail("scored again instead of reading init.scores_file")
+    for table, s in zip(tables, fresh):
+        assert torch.equal(MetricInit(metric, scores_file=path).init(ctx, table, 0.3), s)
+    for changed, named in ((dataclasses.replace(ctx, calibration={**ctx.calibration, "seq_len": 16}),
+                            "calibration.seq_len: 32 in the file, 16 now"),
+                           (make_ctx(data_root, ratio=0.2), "ratio: "),
+                           (make_ctx(data_root, model="tiny_llama"), "model.")):
+        with pytest.raises(ValueError, match=f"other settings.*{re.escape(named)}"):
+            MetricInit(metric, scores_file=path).init(changed, UnitTable(changed.structure, changed.prunable), 0.3)
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="is not a scores file"):
+        MetricInit(metric, scores_file=str(tmp_path / "bad.safetensors")).init(ctx, tables[0], 0.3)
 
 
 def test_pg_end_to_end_hits_ratio_and_logs(tmp_path, data_root):

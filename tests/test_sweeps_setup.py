@@ -103,6 +103,7 @@ def test_pg_released_ablation_variants_compose_and_each_puts_back_the_paper_sett
         for k in diff - {"lr"}:
             assert cfg.method[k] == pg[k], (name, k)
         assert (cfg.init.name != ref.init.name) == ("init" in changed)
+        assert cfg.init.scores_file == (None if "init" in changed else str(tmp_path / "wanda_sp_released_scores.safetensors"))
     assert compose_config(["method=pg_cpu"]).method.lr == float(abl.VARIANTS["constant_lr"]["method.lr"])
     argv = abl.overrides("released", 300, str(tmp_path), ["method.n_segments=24"])
     assert "method.n_segments=24" in argv and "method.n_segments=20000" not in argv and "resume=true" not in argv

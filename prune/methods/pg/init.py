@@ -32,6 +32,8 @@ than the budget, so every sampled sub-network was far more pruned than the targe
     units above 1 are clamped there (absorbing under the released score function).
   `seq_len`: the metric's calibration length (null: the run's calibration.seq_len; released: 1024,
   scripts/llama2_7b.sh:30-31).
+  `scores_file`: a safetensors file of the metric's unit scores, read when it exists and written when it does not
+  (score_cache.py), so runs that differ only in the policy's settings score the model once.
 `stages(ratio, epoch)` lists the (ratio, steps) schedule of the optimisation.
 """
 from __future__ import annotations
@@ -43,6 +45,7 @@ import torch
 
 from llmsp.prune.allocation import select
 from llmsp.prune.methods.pg.projection import bisect
+from llmsp.prune.methods.pg.score_cache import cached_scores
 from llmsp.prune.methods.pg.units import UnitTable
 
 
@@ -102,7 +105,7 @@ class ProgressiveInit(RandomInit):
 class MetricInit(RandomInit):
     def __init__(self, method, name: str | None = None, transform: str = "sigmoid_norm", c: float = 0.8,
                  norm_scope: str = "layer", normalize: str = "zscore", shift: str = "logit",
-                 seq_len: int | None = None):
+                 seq_len: int | None = None, scores_file: str | None = None):
         if transform not in ("sigmoid_norm", "score_const"):
             raise ValueError(f"init transform={transform!r}: choose sigmoid_norm or score_const")
         if norm_scope not in ("layer", "global"):
@@ -113,7 +116,7 @@ class MetricInit(RandomInit):
             raise ValueError(f"init shift={shift!r}: choose logit (on the budget) or additive (released sigmap)")
         super().__init__(name or method.name, spread=0.0)
         self.method, self.transform, self.c, self.norm_scope = method, transform, c, norm_scope
-        self.normalize, self.shift, self.seq_len = normalize, shift, seq_len
+        self.normalize, self.shift, self.seq_len, self.scores_file = normalize, shift, seq_len, scores_file
 
     def init(self, ctx, table: UnitTable, ratio: float) -> torch.Tensor:
         if self.seq_len:
@@ -132,6 +135,9 @@ class MetricInit(RandomInit):
             if not hasattr(self.method, "layer_scores"):
                 raise ValueError(f"init={self.name} scores heads/channels; depth pruning needs a layer metric "
                                  f"(init=layerwise_ppl) or init=random")
+            if self.scores_file:
+                raise ValueError(f"init.scores_file keeps per-unit scores of heads and channels; depth pruning "
+                                 f"scores layers: drop init.scores_file={self.scores_file}")
             ls = self.method.layer_scores(ctx)
             unscored = [i for i in table.layers if i not in ls]
             if unscored:
@@ -140,7 +146,7 @@ class MetricInit(RandomInit):
             return torch.tensor([float(ls[i]) for i in table.layers], dtype=torch.float64), None
         if not hasattr(self.method, "scores"):
             raise ValueError(f"init={self.name} has no per-unit scores(ctx); use a scoring method")
-        sc = self.method.scores(ctx)
+        sc = cached_scores(self.scores_file, ctx, self.method)
         out = torch.empty(table.n, dtype=torch.float64)
         for i in table.layers:
             a, c = table.slices[i]
