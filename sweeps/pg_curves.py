@@ -36,7 +36,7 @@ def main(argv=None) -> str:
     for d in sorted({k for r in snaps for k in r["ppl"]}):
         pts = sorted((r["step"], r["ppl"][d]) for r in snaps if d in r["ppl"])
         b.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=d)
-    b.set(xlabel="step", ylabel="PPL", title="top-s plan PPL at snapshots")
+    b.set(xlabel="step", ylabel="PPL (log scale)", title="top-s plan PPL at snapshots", yscale="log")  # step 0 is 10x the rest
     b.legend()
     fig.tight_layout()
     out = args.out or os.path.join(args.run_dir, "curves.png")

@@ -11,7 +11,8 @@ the init's own top-s mask. Beside the PPL, each row says how far s has moved (`d
 units, Spearman's rank correlation of s with the init's, the units whose top-s membership changed since the previous
 snapshot (and per 1000 steps: how fast the plan itself moves), and the kept fraction of each layer's prunable
 parameters under the top-s plan (unit costs of the policy; from a rank init, step 0 is the source method's plan).
-`--no-ppl` skips the forwards. Prints one JSON line per snapshot and writes <run dir>/snapshots.json.
+`--no-ppl` skips the forwards. Prints one JSON line per snapshot and writes <run dir>/snapshots.json; a step that
+`--steps` leaves out keeps the PPL an earlier call measured there on the same number of windows.
 """
 from __future__ import annotations
 
@@ -64,6 +65,15 @@ def drift(table, snaps: dict, ratio: float) -> dict:
     return out
 
 
+def earlier_ppl(run_dir: str) -> dict:
+    """{step: (ppl, windows)} of an earlier snapshots.json in run_dir, so a call with --steps keeps what an earlier
+    call measured at the other steps."""
+    path = os.path.join(run_dir, "snapshots.json")
+    if not os.path.isfile(path):
+        return {}
+    return {r["step"]: (r["ppl"], r["windows"]) for r in json.load(open(path)) if r.get("ppl")}
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description="PPL of a pg run's top-s masks at its snapshot steps")
     ap.add_argument("run_dir")
@@ -93,6 +103,7 @@ def main(argv=None) -> list[dict]:
     snaps = {int(re.search(r"step(\d+)", p).group(1)): None for p in paths}
     snaps = {k: ckpt.load_snapshot(args.run_dir, k) for k in snaps}
     stats = drift(table, snaps, ratio) if 0 in snaps else {}
+    earlier = earlier_ppl(args.run_dir)
     rows = []
     for step, sv in snaps.items():
         plan = table.final_plan(sv, ratio)
@@ -101,8 +112,11 @@ def main(argv=None) -> list[dict]:
             with Masker(s, plan):
                 ppl = {d: math.exp(window_nll(model, w, ev.batch_size, desc=f"step {step} {d}").mean().item())
                        for d, w in windows.items()}
-        row = {"step": step, "achieved_ratio": plan.achieved_ratio(s), "ppl": ppl,
-               "windows": {d: len(w) for d, w in windows.items()}, "kind_means": table.kind_means(sv),
+        n_windows = {d: len(w) for d, w in windows.items()}
+        if not ppl and earlier.get(step, (None, None))[1] == n_windows:
+            ppl = earlier[step][0]  # measured by an earlier call on the same windows
+        row = {"step": step, "achieved_ratio": plan.achieved_ratio(s), "ppl": ppl, "windows": n_windows,
+               "kind_means": table.kind_means(sv),
                "drift": stats.get(step, {})}
         rows.append(row)
         print(json.dumps(row), flush=True)

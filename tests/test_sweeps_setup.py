@@ -45,6 +45,11 @@ def test_pg_snapshots_last_step_equals_the_pipeline(data_root, tmp_path):
     assert last["achieved_ratio"] == pytest.approx(ref["ratio"]["achieved"])
     for d, v in ref["ppl"].items():
         assert last["ppl"][d] == pytest.approx(v, rel=1e-4)
+    again = {r["step"]: r for r in pg_snapshots.main([str(tmp_path), "--steps", "0"])}
+    assert again[6]["ppl"] == last["ppl"]  # kept from the first call, not measured again
+    assert again[0]["ppl"] == {r["step"]: r for r in rows}[0]["ppl"]
+    fewer = {r["step"]: r for r in pg_snapshots.main([str(tmp_path), "--steps", "0", "--max-windows", "2"])}
+    assert fewer[6]["ppl"] == {}  # other windows: nothing carried over
 
 
 def test_heldout_c4_scores_each_saved_model_on_rows_no_plan_saw(data_root, tmp_path):
