@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from llmsp.prune.calibration import hidden_of, layer_output
 from llmsp.prune.plan import KeepPlan
 from llmsp.prune.structure import ModelStructure
 
@@ -84,8 +85,7 @@ class Masker:
             m = self.layers[i]
             if m.dim() == 0 and float(m) == 1.0:
                 return output
-            x = args[0] if args else kwargs["hidden_states"]
-            y = output[0] if isinstance(output, tuple) else output
+            x, y = hidden_of((args, kwargs)), layer_output(output)
             m = m.to(device=y.device, dtype=y.dtype)
             if m.dim() == 1:
                 m = m[:, None, None]  # (B, 1, 1)

@@ -259,8 +259,7 @@ class PolicyGradient(PruningMethod):
     def record(self, ctx: PruneContext, step: int, out: dict, ratio: float, budget: torch.Tensor) -> None:
         """The curves of the s this step sampled from, to the records, the run's logger and the log."""
         units, s = self.units, self.s
-        # the top-s mask on the held-out probe batch
-        top_loss = float(self.trainer.losses(self.probe, units.mask_from_plan(units.final_plan(s, ratio))[None])[0])
+        top_loss = self.probe_loss(units.final_plan(s, ratio))
         rec = {"step": step, "loss": out["loss"], "top_s_loss": top_loss, "delta": out["delta"],
                "lr": out["lr"], "s_mean": float(s.mean()), "s_entropy": entropy(s),
                "kept_fraction": units.kept_fraction(s),
@@ -276,6 +275,10 @@ class PolicyGradient(PruningMethod):
                  step, self.total, rec["loss"], top_loss, rec["delta"], rec["kept_fraction"],
                  rec["budget_fraction"], rec["s_entropy"], time.perf_counter() - self.t0)
 
+    def probe_loss(self, plan: KeepPlan) -> float:
+        """The loss of `plan`'s mask on the held-out probe batch (the masks must be attached: `with self.trainer`)."""
+        return float(self.trainer.losses(self.probe, self.units.mask_from_plan(plan)[None])[0])
+
     def finish(self, ctx: PruneContext) -> KeepPlan:
         """The last snapshot and checkpoint, the final top-s plan with its loss on the probe batch (the curves log s
         before a step's update, so their last point is one update short), results.json's method_extras.pg and the
@@ -285,8 +288,7 @@ class PolicyGradient(PruningMethod):
         plan = self.units.final_plan(self.s, ctx.ratio, ctx.align)
         ctx.extras["pg"] = self.summary()
         with self.trainer:
-            ctx.extras["pg"]["final_probe_loss"] = float(
-                self.trainer.losses(self.probe, self.units.mask_from_plan(plan)[None])[0])
+            ctx.extras["pg"]["final_probe_loss"] = self.probe_loss(plan)
         if self.plot and self.run_dir:
             ctx.extras["pg"]["plot"] = plot_layer_sparsity(
                 ctx.structure, plan, self.run_dir,

@@ -15,7 +15,7 @@ import os
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 
 def fingerprint(ctx, metric) -> dict:
@@ -44,9 +44,9 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 def load(path: str, expected: dict) -> dict:
     """The scores in `path`, after checking its fingerprint against `expected`."""
     try:
-        tensors = load_file(path)
         with safe_open(path, "pt") as f:
             found = json.loads(f.metadata()["fingerprint"])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"init.scores_file={path} is not a scores file this init wrote ({e}); delete it to score "
                          f"again") from e
